@@ -1,0 +1,28 @@
+# One entry point for set-up, the main job and the tests. Every target is idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,all]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job: export LeViT-128S to ONNX and pass the parity gate (random weights: none are downloadable offline).
+demo: $(STAMP)
+	$(BIN)/levit-deploy export levit_128s --to onnx --init random --out out/levit_128s_onnx
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/levit-deploy bench levit_128s --init random --runtime torch --runtime ort
+
+clean:
+	rm -rf $(VENV) out
