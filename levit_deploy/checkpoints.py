@@ -8,7 +8,6 @@ expected. Pretrained weights are downloaded once into a cache and verified by sh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import layouts
+from .manifest import sha256_file
 from .models import VARIANTS, Levit, LevitConfig, get_config, resolve_variant_name
 from .models.levit import attention_bias_idxs
 
@@ -58,6 +58,7 @@ class LoadInfo:
     distilled: bool = True
     file_format: str = ""
     sha256: str | None = None
+    seed: int | None = None  # for random init: reproduces the same weights
     ignored_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -67,14 +68,6 @@ class LoadInfo:
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sniff(path: Path) -> str:
@@ -465,7 +458,7 @@ def load(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = No
         return _load_path(Path(weights), variant, num_classes)
     if init == "random":
         model = randomize_(Levit(get_config(variant, num_classes)), seed).eval()
-        model.load_info = LoadInfo(source=f"random init (seed {seed})", layout="none", variant=variant,
+        model.load_info = LoadInfo(source=f"random init (seed {seed})", layout="none", variant=variant, seed=seed,
                                    num_classes=model.config.num_classes, distilled=model.config.distilled)
         return model
     if init != "pretrained":

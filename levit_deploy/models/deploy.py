@@ -91,7 +91,8 @@ class DeployLevit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.config.img_size
-        if tuple(x.shape[1:]) != (3, size, size):
+        # Shape checks are Python control flow: skip them while tracing (the trace fixes the shape).
+        if not torch.jit.is_tracing() and tuple(x.shape[1:]) != (3, size, size):
             raise ValueError(f"LeViT takes (B, 3, {size}, {size}) input, got {tuple(x.shape)}: its "
                              f"attention-bias tables are built for one resolution")
         tokens = self.stem(x).flatten(2).transpose(1, 2)

@@ -1,0 +1,204 @@
+"""The ``levit-deploy`` command: argument handling and printing only; the work is in the library."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Load, fuse, export, verify, benchmark and run LeViT image classifiers.")
+
+EXIT_FAILED = 1  # the work ran but its result failed a gate (parity, some images)
+EXIT_ERROR = 2  # bad input or environment: nothing useful was produced
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoints import CheckpointError
+    from .exporters import ExportError
+    from .manifest import ManifestError
+    from .preprocess import ImageError
+    from .runtimes.base import MissingDependency, RuntimeUnavailable
+
+    return (CheckpointError, ExportError, ManifestError, MissingDependency, RuntimeUnavailable, ImageError,
+            ValueError, FileNotFoundError, KeyError)
+
+
+def fail(message: str, as_json: bool, code: int = EXIT_ERROR) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": message}))
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def status(message: str) -> None:
+    """Progress goes to stderr so that --json output on stdout stays machine-readable."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_guarded(as_json: bool, fn, *args, **kwargs):
+    """Call into the library; known errors become one line and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except _expected_errors() as e:
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        fail(text, as_json)
+
+
+def quiet_exporters() -> None:
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _load(model: str, weights: Optional[Path], init: str, num_classes: Optional[int] = None):
+    from .checkpoints import load
+
+    return load(model, weights=weights, num_classes=num_classes, init=init)
+
+
+MODEL_HELP = "A variant name (levit_128s, levit_128, levit_192, levit_256, levit_384) or a checkpoint file/folder."
+WEIGHTS_HELP = "Checkpoint for a variant name: official .pth, timm or Hugging Face (file or folder)."
+INIT_HELP = ("For a variant name without --weights: 'pretrained' downloads the official release "
+             "(cached, sha256-checked); 'random' uses seeded random weights (offline demos and tests).")
+JSON_HELP = "Print one JSON document on stdout instead of a table."
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help=MODEL_HELP),
+         weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+         init: str = typer.Option("pretrained", help=INIT_HELP),
+         as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Show what a checkpoint is: layout, mode, variant, classes, parameters and FLOPs."""
+    from .models import count_flops, count_parameters
+
+    model = run_guarded(as_json, _load, path, weights, init)
+    result = {**model.load_info.to_dict(), "params": count_parameters(model),
+              "flops": count_flops(model.config), "config": model.config.to_dict()}
+    if as_json:
+        print(json.dumps({"ok": True, **result}, indent=2))
+        return
+    li = model.load_info
+    print(f"source      {li.source}")
+    print(f"layout      {li.layout}{' (fused)' if li.fused else ''}, {li.mode} mode, {li.file_format or '-'}")
+    print(f"variant     {li.variant}, {li.num_classes} classes, {'distilled (2 heads)' if li.distilled else '1 head'}")
+    print(f"parameters  {result['params']:,}")
+    print(f"FLOPs       {result['flops'] / 1e6:.0f} M multiply-adds per image")
+    if li.sha256:
+        print(f"sha256      {li.sha256}")
+    for note in li.notes:
+        print(f"note        {note}")
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help=MODEL_HELP),
+           to: str = typer.Option(..., "--to", help="Target: onnx, openvino, coreml or tensorrt."),
+           weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+           init: str = typer.Option("pretrained", help=INIT_HELP),
+           out: Optional[Path] = typer.Option(None, help="Output folder [default: ./<variant>-<target>-<precision>]."),
+           precision: str = typer.Option("fp32", help="fp32 or fp16 (bf16 for tensorrt)."),
+           batch: str = typer.Option("dynamic", help="'dynamic' or a fixed batch size."),
+           opset: int = typer.Option(18, help="ONNX opset (18+ uses the torch.export exporter; 13-17 the TorchScript one)."),
+           simplify: bool = typer.Option(True, help="Simplify the ONNX graph with onnxsim when installed."),
+           img_size: int = typer.Option(224, help="Input size. LeViT runs at 224 only; others are refused."),
+           image_input: bool = typer.Option(False, help="CoreML: take an image input with normalisation folded in."),
+           labels: bool = typer.Option(False, help="CoreML: embed ImageNet class labels (ClassifierConfig)."),
+           min_target: str = typer.Option("macOS13", help="CoreML minimum deployment target (macOS13, iOS16, ...)."),
+           max_batch: int = typer.Option(256, help="TensorRT: largest batch of the optimisation profile."),
+           opt_batch: int = typer.Option(64, help="TensorRT: batch the engine is tuned for."),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Fuse a model, export it, and keep the artifact only if it passes the parity gate."""
+    from .exporters import export as do_export
+
+    quiet_exporters()
+    status(f"loading {model} …")
+    ref = run_guarded(as_json, _load, model, weights, init)
+    out = out or Path(f"{ref.config.name}-{to}-{precision}")
+    extra = {}
+    if to == "coreml":
+        extra = {"image_input": image_input, "labels": labels, "min_target": min_target}
+    elif to == "tensorrt":
+        extra = {"max_batch": max_batch, "opt_batch": opt_batch}
+    status(f"fusing, exporting to {to} ({precision}), checking parity …")
+    from .exporters import ExportParityError
+    try:
+        artifact = do_export(ref, to, out, precision=precision, batch=batch, opset=opset, simplify=simplify,
+                             img_size=img_size, **extra)
+    except ExportParityError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+    except _expected_errors() as e:
+        fail(str(e), as_json)
+    m = artifact.manifest
+    if as_json:
+        print(json.dumps({"ok": True, "artifact": str(artifact.path), "manifest": m}, indent=2, default=str))
+        return
+    print(f"artifact    {artifact.path}  ({m['artifact']['size_bytes'] / 1e6:.1f} MB)")
+    print(f"manifest    {artifact.folder / 'manifest.json'}")
+    for step in m["fusion"]:
+        print(f"fusion      {step['step']}: max|Δ| {step['max_abs']:.2g} ({step['rel']:.1e}·s) ok")
+    p = m["parity"]
+    if p["status"] == "pending":
+        print(f"parity      pending: {p['reason']}")
+    else:
+        print(f"parity      {p['status'].upper()} [{p['precision']}] max|Δ| {p['max_abs']:.3g} "
+              f"({p['min_rel_tolerance']:.1e}·s), cosine {p['min_cosine']:.6f}, top-1 {p['top1_agreement']:.0%}, "
+              f"on {p['inputs']}")
+    for note in m["export"]["notes"]:
+        print(f"note        {note}")
+
+
+@app.command()
+def parity(model: str = typer.Argument(..., help=MODEL_HELP + " Or an artifact folder: its source is reloaded."),
+           weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+           init: str = typer.Option("pretrained", help=INIT_HELP),
+           artifact: List[Path] = typer.Option([], help="Artifact file or folder to add to the chain (repeatable)."),
+           images: Optional[Path] = typer.Option(None, help="Folder of real images to use as inputs too."),
+           samples: int = typer.Option(16, help="Number of generated inputs (half random tensors, half synthetic JPEGs)."),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Check the chain reference fp64 -> reference fp32 -> each fusion step -> each artifact."""
+    from .parity_chain import run_chain
+
+    reports = run_guarded(as_json, run_chain, model, weights=weights, init=init, artifacts=artifact,
+                          images=images, samples=samples)
+    ok = all(r.passed for r in reports)
+    if as_json:
+        print(json.dumps({"ok": ok, "chain": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        print(format_parity_table(reports))
+    if not ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def format_parity_table(reports) -> str:
+    rows = [("stage", "prec", "max|Δ|", "×s", "mean|Δ|", "p99|Δ|", "cos min", "top-1", "top-5", "result")]
+    for r in reports:
+        rows.append((r.stage, r.precision, f"{r.max_abs:.2e}", f"{r.min_rel_tolerance:.1e}", f"{r.mean_abs:.1e}",
+                     f"{r.p99_abs:.1e}", f"{r.min_cosine:.6f}", f"{r.top1_agreement:.0%}", f"{r.top5_overlap:.0%}",
+                     "PASS" if r.passed else "FAIL " + "; ".join(r.failures)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    if reports:
+        lines.append(f"inputs: {reports[0].inputs}; s = max|reference| = {reports[0].ref_scale:.3g}")
+    return "\n".join(lines)
+
+
+@app.command()
+def version():
+    """Print the levit-deploy version."""
+    print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Image decoding and the eval transform each checkpoint source was evaluated with.
+
+Official LeViT and Hugging Face: resize the shorter side to 256, centre-crop 224; timm: crop_pct 0.9,
+so resize to 248. Both bicubic (PIL), ImageNet mean/std, RGB, NCHW float32.
+Decoding turns every PIL mode into RGB deliberately (see :func:`to_rgb`) and refuses images over a
+pixel limit before decoding them, so a decompression bomb costs nothing.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 64_000_000  # about 8000x8000
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    resize: int  # shorter side after resizing
+    crop: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    scale: float = 1 / 255
+    background: tuple[int, int, int] = BACKGROUND
+    source: str = "official"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        d = dict(d)
+        for key in ("mean", "std", "background"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+SPECS = {
+    "official": PreprocessSpec(resize=int(256 / 224 * 224), crop=224, source="official"),
+    "hf": PreprocessSpec(resize=int(256 / 224 * 224), crop=224, source="hf"),
+    "timm": PreprocessSpec(resize=math.floor(224 / 0.9), crop=224, source="timm"),
+}
+
+
+def spec_for_layout(layout: str) -> PreprocessSpec:
+    """The eval transform matching where the weights came from (random init: the paper's)."""
+    return SPECS.get("official" if layout.startswith("official") else layout, SPECS["official"])
+
+
+class ImageError(Exception):
+    """An input that is not a usable image; the message names the file and the reason."""
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """RGB from any PIL mode.
+
+    Transparency (RGBA, LA, PA, P with a transparent colour) is composited on ``background``;
+    16-bit ``I;16*`` is scaled by 255/65535; 32-bit ``I`` is read as 16-bit data when any value
+    exceeds 255, else as 8-bit; float ``F`` as [0, 1] when its maximum is at most 1, else [0, 255].
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr * 255.0 / 65535.0
+        elif mode == "I":
+            arr = arr * 255.0 / 65535.0 if arr.max(initial=0) > 255 else arr
+        else:
+            arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Open, size-check, EXIF-orient and convert an image to RGB; ImageError on any failure."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        if not isinstance(source, bytes):
+            path = Path(source)
+            if not path.exists():
+                raise ImageError(f"{name}: no such file")
+            if path.is_dir():
+                raise ImageError(f"{name}: is a folder")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            data = path.read_bytes()
+        else:
+            data = source
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                                 f"(decompression-bomb guard; raise it with --max-pixels)")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img, background)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot decode ({e})") from None
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size``, longer side int(size·long/short), as torchvision's Resize(int)."""
+    w, h = img.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, Image.Resampling.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop as torchvision: offsets int(round((dim - size) / 2))."""
+    w, h = img.size
+    if w < size or h < size:  # smaller than the crop: pad with the background like torchvision pads zeros
+        padded = Image.new("RGB", (max(w, size), max(h, size)), (0, 0, 0))
+        padded.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        img, (w, h) = padded, padded.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image -> float32 (3, crop, crop), normalised."""
+    if spec.interpolation != "bicubic":
+        raise ValueError(f"only bicubic interpolation is implemented, got {spec.interpolation!r}")
+    img = center_crop(resize_shorter(img, spec.resize), spec.crop)
+    arr = np.asarray(img, dtype=np.float32) * np.float32(spec.scale)
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.channel_order == "BGR":
+        arr = arr[..., ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_batch(paths: list[str | Path], spec: PreprocessSpec) -> np.ndarray:
+    return np.stack([transform(decode_image(p), spec) for p in paths])
+
+
+def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Procedural photographs-in-miniature (gradients, shapes, noise) encoded as JPEG.
+
+    They exercise the real decode -> resize -> crop -> normalise path with natural-image statistics
+    when no real images are at hand; real ones can always be passed instead.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = int(rng.integers(200, 480)), int(rng.integers(200, 480))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = rng.uniform(0, 255, 3)
+        grad = rng.uniform(-0.5, 0.5, (3, 2))
+        arr = np.stack([base[c] + grad[c, 0] * xx + grad[c, 1] * yy for c in range(3)], -1)
+        arr += rng.normal(0, 12, arr.shape)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            box = (x0, y0, x0 + int(rng.integers(10, w - x0)), y0 + int(rng.integers(10, h - y0)))
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(70, 96)))
+        out.append(buf.getvalue())
+    return out
+
+
+def parity_inputs(n_random: int = 8, n_images: int = 8, seed: int = 0,
+                  spec: PreprocessSpec | None = None) -> tuple[np.ndarray, str]:
+    """Seeded random tensors plus decoded synthetic JPEGs, and a sentence saying which."""
+    from .parity import random_inputs
+
+    spec = spec or SPECS["official"]
+    parts, desc = [], []
+    if n_random:
+        parts.append(random_inputs(n_random, seed, spec.crop))
+        desc.append(f"{n_random} seeded N(0,1) tensors (seed {seed})")
+    if n_images:
+        parts.append(np.stack([transform(decode_image(b), spec) for b in synthetic_jpegs(n_images, seed)]))
+        desc.append(f"{n_images} synthetic JPEGs decoded with the {spec.source} transform")
+    return np.concatenate(parts), " + ".join(desc)
