@@ -278,8 +278,9 @@ def to_canonical(sd: dict[str, torch.Tensor], layout: str, config: LevitConfig, 
                     out.update(_identity_bn(tensor, unit.canonical))
             else:
                 out[f"{unit.canonical}.{csuf}"] = tensor
-        bn = layouts.bn_prefix(unit.kind, layout)
-        if bn is not None:
+        if layout == "official_fused" and unit.kind == "head":  # BN already folded into the linear
+            out.update(_identity_bn(torch.zeros(out[f"{unit.canonical}.linear.weight"].shape[1]), unit.canonical))
+        if unit.kind != "bias_table":
             out[f"{unit.canonical}.bn.{layouts.BN_COUNTER}"] = torch.tensor(0, dtype=torch.long)
     return out
 
@@ -419,7 +420,7 @@ def randomize_(model: Levit, seed: int = 0) -> Levit:
             if name.endswith("attention_biases"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
             elif name.endswith("bn.weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) * 1.5 + 0.25)
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.25)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             else:

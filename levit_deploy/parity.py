@@ -4,9 +4,12 @@ The reference is always the unfused model run in float64. Tolerances scale with 
 so one preset serves every variant and every set of weights (see shared/DESIGN.md):
 
 - fp32: e = max|candidate - reference| <= 1e-4·s
-- fp16/bf16: e <= 2e-2·s, per-input cosine >= 0.999, and top-1 agreement on every input whose
-  reference top-1 margin exceeds 2e (an input with a smaller margin may legitimately flip)
+- fp16/bf16: e <= 2e-2·s and per-input cosine >= 0.999
 - int8: per-input cosine >= 0.99 and top-1 agreement >= 95 %
+
+DESIGN.md also asks fp16/bf16 for top-1 agreement wherever the reference top-1 margin exceeds 2e.
+That rule cannot fail on its own: swapping the top two logits moves their gap by at most 2e, so a
+flip implies margin <= 2e. It is therefore not a separate gate; top-1 agreement is always reported.
 """
 from __future__ import annotations
 
@@ -25,14 +28,13 @@ class Tolerance:
     rel_max_abs: float | None  # e <= rel_max_abs · s
     min_cosine: float | None
     min_top1: float | None  # fraction of all inputs
-    top1_on_clear_margin: bool  # top-1 must agree wherever the reference margin exceeds 2e
 
 
 TOLERANCES = {
-    "fp32": Tolerance(1e-4, None, None, False),
-    "fp16": Tolerance(2e-2, 0.999, None, True),
-    "bf16": Tolerance(2e-2, 0.999, None, True),
-    "int8": Tolerance(None, 0.99, 0.95, False),
+    "fp32": Tolerance(1e-4, None, None),
+    "fp16": Tolerance(2e-2, 0.999, None),
+    "bf16": Tolerance(2e-2, 0.999, None),
+    "int8": Tolerance(None, 0.99, 0.95),
 }
 
 
@@ -101,13 +103,6 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, precision: str
         failures.append(f"cosine {float(cosine.min()):.6f} < {tol.min_cosine}")
     if tol.min_top1 is not None and top1 < tol.min_top1:
         failures.append(f"top-1 agreement {top1:.1%} < {tol.min_top1:.0%}")
-    if tol.top1_on_clear_margin:
-        sorted_ref = np.sort(ref, axis=1)
-        margin = sorted_ref[:, -1] - sorted_ref[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-        clear = margin > 2 * e
-        flipped = int(np.sum(clear & (ref_top1 != cand_top1)))
-        if flipped:
-            failures.append(f"top-1 differs on {flipped} input(s) whose reference margin exceeds 2·max|Δ|")
     return ParityReport(stage=stage, precision=precision, inputs=inputs, n=int(ref.shape[0]), max_abs=e,
                         mean_abs=float(diff.mean()), p99_abs=float(np.quantile(diff, 0.99)),
                         max_rel=float(rel.max()), ref_scale=scale, min_cosine=float(cosine.min()),

@@ -1,0 +1,183 @@
+"""Synthetic checkpoints in the three real layouts, built from Hugging Face's LeViT.
+
+Hugging Face transformers is the independent reference implementation. The timm and official key
+names are produced here by direct renaming written from shared/levit_formats.md, deliberately not
+with levit_deploy's own layout tables, so a mapping mistake in the package cannot hide itself.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+EPS = 1e-5
+VARIANT_SHAPES = {
+    "levit_128s": ([128, 256, 384], 16, [4, 6, 8], [2, 3, 4]),
+    "levit_128": ([128, 256, 384], 16, [4, 8, 12], [4, 4, 4]),
+    "levit_192": ([192, 288, 384], 32, [3, 5, 6], [4, 4, 4]),
+    "levit_256": ([256, 384, 512], 32, [4, 6, 8], [4, 4, 4]),
+    "levit_384": ([384, 512, 768], 32, [6, 9, 12], [4, 4, 4]),
+}
+
+
+def hf_model(variant: str, seed: int = 0, num_classes: int = 1000, distilled: bool = True):
+    """A Hugging Face LeViT with random weights, BN statistics and attention biases, in eval mode."""
+    from transformers import LevitConfig, LevitForImageClassification, LevitForImageClassificationWithTeacher
+
+    dims, d, heads, depths = VARIANT_SHAPES[variant]
+    cfg = LevitConfig(hidden_sizes=dims, num_attention_heads=heads, depths=depths, key_dim=[d] * 3,
+                      num_labels=num_classes, drop_path_rate=0)
+    cls = LevitForImageClassificationWithTeacher if distilled else LevitForImageClassification
+    model = cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("attention_biases"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 2)
+            elif name.endswith("batch_norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.25)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) * 1.5 + 0.5)
+    model.train()
+    model.eval()  # clears HF's per-device bias cache
+    return model
+
+
+@torch.no_grad()
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=x).logits
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _depths(sd: dict) -> list[int]:
+    """X_s per stage: the number of attention layers under `module.queries_keys_values` per stage."""
+    depths = [0, 0, 0]
+    for k in sd:
+        m = re.match(r"levit\.encoder\.stages\.(\d)\.layers\.(\d+)\.module\.queries_keys_values\.linear\.weight", k)
+        if m:
+            depths[int(m.group(1))] += 1
+    return depths
+
+
+def to_timm(sd: dict[str, torch.Tensor], conv_mode: bool = False) -> dict[str, torch.Tensor]:
+    depths = _depths(sd)
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("batch_norm", "bn")
+        m = re.match(r"levit\.patch_embeddings\.embedding_layer_(\d)\.(convolution|bn)\.(.+)", k2)
+        if m:
+            out[f"stem.conv{m.group(1)}.{'linear' if m.group(2) == 'convolution' else 'bn'}.{m.group(3)}"] = v
+            continue
+        m = re.match(r"levit\.encoder\.stages\.(\d)\.layers\.(\d+)\.(.+)", k2)
+        if m:
+            s, layer, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            if layer < 2 * depths[s]:
+                b = layer // 2
+                rest = (rest.replace("module.queries_keys_values.", "attn.qkv.")
+                        .replace("module.projection.", "attn.proj.ln.")
+                        .replace("module.attention_biases", "attn.attention_biases")
+                        .replace("module.linear_up.", "mlp.ln1.").replace("module.linear_down.", "mlp.ln2."))
+                name = f"stages.{s}.blocks.{b}.{rest}"
+            else:
+                rest = (rest.replace("keys_values.", "attn_downsample.kv.")
+                        .replace("queries.", "attn_downsample.q.ln.")
+                        .replace("projection.", "attn_downsample.proj.ln.")
+                        .replace("attention_biases", "attn_downsample.attention_biases")
+                        .replace("module.linear_up.", "mlp.ln1.").replace("module.linear_down.", "mlp.ln2."))
+                name = f"stages.{s + 1}.downsample.{rest}"
+            if conv_mode and name.endswith("linear.weight"):
+                v = v[:, :, None, None]
+            out[name] = v
+            continue
+        k3 = k2.replace("classifier_distill.", "head_dist.").replace("classifier.", "head.")
+        out[k3] = v
+    return out
+
+
+def bias_idxs(r_in: int, stride: int) -> torch.Tensor:
+    """idx(q, k) = |y_q·stride − y_k|·r_in + |x_q·stride − x_k| (shared/levit_formats.md §1)."""
+    r_out = (r_in - 1) // stride + 1
+    qy, qx = np.divmod(np.arange(r_out * r_out), r_out)
+    ky, kx = np.divmod(np.arange(r_in * r_in), r_in)
+    idx = np.abs(qy[:, None] * stride - ky[None]) * r_in + np.abs(qx[:, None] * stride - kx[None])
+    return torch.from_numpy(idx.astype(np.int64))
+
+
+def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official facebookresearch key names, with the int64 attention_bias_idxs the .pth files carry."""
+    depths = _depths(sd)
+    res = [14, 7, 4]
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("batch_norm", "bn")
+        m = re.match(r"levit\.patch_embeddings\.embedding_layer_(\d)\.(convolution|bn)\.(.+)", k2)
+        if m:
+            out[f"patch_embed.{2 * (int(m.group(1)) - 1)}.{'c' if m.group(2) == 'convolution' else 'bn'}.{m.group(3)}"] = v
+    j = 0
+    for s in range(3):
+        n_layers = 2 * depths[s] + (2 if s < 2 else 0)
+        for layer in range(n_layers):
+            prefix = f"levit.encoder.stages.{s}.layers.{layer}."
+            items = {k[len(prefix):].replace("batch_norm", "bn"): v for k, v in sd.items() if k.startswith(prefix)}
+            for rest, v in items.items():
+                rest = rest.replace("linear.weight", "c.weight")
+                if layer < 2 * depths[s] and layer % 2 == 0:
+                    rest = (rest.replace("module.queries_keys_values.", "m.qkv.")
+                            .replace("module.projection.", "m.proj.1.").replace("module.attention_biases", "m.attention_biases"))
+                elif layer % 2 == 1:
+                    rest = rest.replace("module.linear_up.", "m.0.").replace("module.linear_down.", "m.2.")
+                else:
+                    rest = rest.replace("keys_values.", "kv.").replace("queries.", "q.1.").replace("projection.", "proj.1.")
+                out[f"blocks.{j}.{rest}"] = v
+            if layer < 2 * depths[s] and layer % 2 == 0:
+                out[f"blocks.{j}.m.attention_bias_idxs"] = bias_idxs(res[s], 1)
+            elif layer == 2 * depths[s]:
+                out[f"blocks.{j}.attention_bias_idxs"] = bias_idxs(res[s], 2)
+            j += 1
+    for k, v in sd.items():
+        for hf, ours in (("classifier_distill.", "head_dist."), ("classifier.", "head.")):
+            if k.startswith(hf):
+                out[ours + k[len(hf):].replace("batch_norm", "bn").replace("linear.", "l.")] = v
+    return out
+
+
+def fuse_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What facebookresearch utils.replace_batchnorm leaves: conv/linear with bias, heads as one Linear."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(("attention_biases", "attention_bias_idxs")):
+            out[k] = v
+    prefixes = {k[: -len(".c.weight")] for k in sd if k.endswith(".c.weight")}
+    for p in prefixes:
+        w = sd[f"{p}.c.weight"].double()
+        scale = sd[f"{p}.bn.weight"].double() / torch.sqrt(sd[f"{p}.bn.running_var"].double() + EPS)
+        shift = sd[f"{p}.bn.bias"].double() - sd[f"{p}.bn.running_mean"].double() * scale
+        out[f"{p}.weight"] = (w * scale.view(-1, *([1] * (w.dim() - 1)))).float()
+        out[f"{p}.bias"] = shift.float()
+    for head in ("head", "head_dist"):
+        if f"{head}.l.weight" in sd:
+            scale = sd[f"{head}.bn.weight"].double() / torch.sqrt(sd[f"{head}.bn.running_var"].double() + EPS)
+            shift = sd[f"{head}.bn.bias"].double() - sd[f"{head}.bn.running_mean"].double() * scale
+            w, b = sd[f"{head}.l.weight"].double(), sd[f"{head}.l.bias"].double()
+            out[f"{head}.weight"] = (w * scale[None]).float()
+            out[f"{head}.bias"] = (b + w @ shift).float()
+    return out
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> float:
+    """max|ours − ref| <= rel · max|ref| (the issue's fp32 criterion); returns the ratio."""
+    e = (ours.double() - ref.double()).abs().max().item()
+    s = ref.double().abs().max().item()
+    assert e <= rel * s, f"max|Δ| {e:.3g} > {rel}·{s:.3g}"
+    return e / s

@@ -1,0 +1,243 @@
+"""ONNX export: parity gate, manifest, atomic writes, the runtime abstraction and the CLI."""
+import builtins
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import levit_deploy as ld
+from levit_deploy.checkpoints import build_from_state_dict
+from levit_deploy.cli import app
+from levit_deploy.exporters import ExportError, ExportParityError
+from levit_deploy.manifest import ManifestError, sha256_file
+from levit_deploy.models import VARIANTS
+from levit_deploy.parity import compare, random_inputs, reference_outputs
+from levit_deploy.runtimes.base import MissingDependency
+
+from layouts_ref import hf_model, hf_state_dict, to_official, to_timm
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported_128s(tmp_path_factory):
+    model = ld.load("levit_128s", init="random", seed=0)
+    out = tmp_path_factory.mktemp("onnx128s")
+    return model, ld.export(model, "onnx", out)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_exports_and_matches_in_ort(tmp_path, name):
+    model = build_from_state_dict(hf_state_dict(hf_model(name, seed=2)), "hf")
+    artifact = ld.export(model, "onnx", tmp_path)
+    p = artifact.manifest["parity"]
+    assert p["status"] == "passed" and p["max_abs"] <= 1e-4 * p["ref_scale"]
+    inputs = random_inputs(32, seed=9)
+    ref = reference_outputs(model, inputs)
+    with ld.open_runtime(tmp_path) as rt:
+        for batch in (1, 7, 32):
+            report = compare(ref[:batch], rt, inputs[:batch], "fp32")
+            assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("layout", ["official", "timm", "hf"])
+def test_cli_export_from_each_layout(tmp_path, layout):
+    hf = hf_model("levit_128s", seed=4)
+    sd = hf_state_dict(hf)
+    if layout == "official":
+        path = tmp_path / "ck.pth"
+        torch.save({"model": to_official(sd)}, path)
+    elif layout == "timm":
+        path = tmp_path / "model.safetensors"
+        save_file(to_timm(sd), str(path))
+    else:
+        path = tmp_path / "hf"
+        hf.save_pretrained(path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "levit_128s", "--to", "onnx", "--weights", str(path), "--out", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    m = doc["manifest"]
+    assert m["source"]["layout"] == layout and m["source"]["sha256"]
+    assert m["preprocessing"]["resize"] == (248 if layout == "timm" else 256)
+    assert m["parity"]["status"] == "passed"
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with ld.open_runtime(out) as rt, torch.no_grad():
+        hf_out = hf(pixel_values=torch.from_numpy(x)).logits.numpy()
+        assert np.abs(rt.infer(x) - hf_out).max() <= 1e-4 * np.abs(hf_out).max()
+
+
+def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
+    _, artifact = exported_128s
+    graph = onnx.load(str(artifact.path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "BatchNormalization" not in ops and "Gather" not in ops and "GatherND" not in ops
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert graph.input[0].name == "pixel_values" and graph.output[0].name == "logits"
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    m = artifact.manifest
+    assert m["artifact"]["files"]["model.onnx"] == sha256_file(artifact.path)
+    for key in ("artifact", "source", "model", "labels", "export", "fusion", "preprocessing", "parity", "versions",
+                "machine"):
+        assert key in m
+    assert m["export"]["opset"] >= 17 and m["artifact"]["opset"] >= 17
+    assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m["versions"])
+    assert m["machine"]["cpu"]["model"] and "isa" in m["machine"]["cpu"]
+    assert m["preprocessing"]["channel_order"] == "RGB" and m["preprocessing"]["interpolation"] == "bicubic"
+    assert len(m["fusion"]) == 5 and all(step["passed"] for step in m["fusion"])
+    assert m["source"]["seed"] == 0 and m["model"]["params"] == 7_777_058
+
+
+def test_tampered_artifact_is_refused(exported_128s, tmp_path):
+    _, artifact = exported_128s
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in artifact.folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        ld.open_runtime(copy)
+    result = runner.invoke(app, ["parity", str(copy)])
+    assert result.exit_code == 2 and "does not match the manifest" in result.output
+
+
+def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_128s, tmp_path, monkeypatch):
+    model, good = exported_128s
+    out = tmp_path / "out"
+    ld.export(model, "onnx", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import levit_deploy.exporters.onnx as onnx_exporter
+    real_write = onnx_exporter.write
+
+    def write_then_die(deploy, staging, opts):
+        real_write(deploy, staging, opts)
+        (staging / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_exporter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ld.export(model, "onnx", out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # no staging folder left, old artifact and manifest untouched
+    with ld.open_runtime(out) as rt:
+        assert rt.infer(random_inputs(1)).shape == (1, 1000)
+
+
+def test_parity_failure_exits_nonzero_and_keeps_no_artifact(tmp_path, monkeypatch):
+    model = ld.load("levit_128s", init="random", seed=1)
+    import levit_deploy.exporters.onnx as onnx_exporter
+    real = onnx_exporter._torch_export
+
+    def corrupted(deploy, path, opts):
+        with torch.no_grad():
+            deploy.head.linear.bias.add_(0.5)  # a plausible exporter bug: a wrong constant
+        real(deploy, path, opts)
+
+    monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
+    with pytest.raises(ExportParityError):
+        ld.export(model, "onnx", tmp_path / "bad")
+    names = sorted(p.name for p in (tmp_path / "bad").iterdir())
+    assert names == ["parity-failed-onnx.json"]
+    assert json.loads((tmp_path / "bad" / "parity-failed-onnx.json").read_text())["status"] == "failed"
+
+
+def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
+    import levit_deploy.exporters.onnx as onnx_exporter
+    real = onnx_exporter._torch_export
+
+    def corrupted(deploy, path, opts):
+        with torch.no_grad():
+            deploy.stem[0].bias.add_(1.0)
+        real(deploy, path, opts)
+
+    monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 1 and "parity gate failed" in result.output
+    assert not (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_other_image_sizes_and_bad_options_are_refused(exported_128s, tmp_path):
+    model, _ = exported_128s
+    with pytest.raises(ExportError, match="224x224 only"):
+        ld.export(model, "onnx", tmp_path, img_size=256)
+    with pytest.raises(ExportError, match="opset 11 is too old"):
+        ld.export(model, "onnx", tmp_path, opset=11)
+    with pytest.raises(ExportError, match="unknown export target"):
+        ld.export(model, "tflite", tmp_path)
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--img-size", "256"])
+    assert result.exit_code == 2 and "224x224 only" in result.output
+
+
+def test_static_batch_and_fp16(exported_128s, tmp_path):
+    model, _ = exported_128s
+    static = ld.export(model, "onnx", tmp_path / "b4", batch=4)
+    assert static.manifest["input"]["shape"][0] == 4
+    with ld.open_runtime(tmp_path / "b4") as rt:
+        assert rt.infer(random_inputs(4)).shape == (4, 1000)
+    half = ld.export(model, "onnx", tmp_path / "fp16", precision="fp16")
+    p = half.manifest["parity"]
+    assert p["precision"] == "fp16" and p["status"] == "passed" and p["min_cosine"] >= 0.999
+    assert p["max_abs"] > 1e-4 * p["ref_scale"] * 1e-3  # really fp16: not bit-identical to fp32
+    graph = onnx.load(str(half.path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+
+
+def test_legacy_opset_17_export(exported_128s, tmp_path):
+    model, _ = exported_128s
+    art = ld.export(model, "onnx", tmp_path, opset=17)
+    assert art.manifest["artifact"]["opset"] == 17 and art.manifest["parity"]["status"] == "passed"
+
+
+def test_missing_optional_package_gives_one_line_hint(exported_128s, monkeypatch):
+    _, artifact = exported_128s
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
+    with pytest.raises(MissingDependency) as e:
+        ld.open_runtime(artifact.folder)
+    assert str(e.value).count("\n") == 0 and "pip install 'levit-deploy[onnx]'" in str(e.value)
+
+
+def test_core_import_needs_no_optional_backend():
+    import subprocess
+    import sys
+    code = ("import sys; import levit_deploy, levit_deploy.runtimes, levit_deploy.exporters, levit_deploy.cli;"
+            "bad = [m for m in ('onnxruntime','onnx','openvino','coremltools','tensorrt','transformers') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cli_parity_chain_includes_the_artifact(exported_128s):
+    _, artifact = exported_128s
+    result = runner.invoke(app, ["parity", str(artifact.folder), "--json"])
+    assert result.exit_code == 0, result.output
+    stages = [r["stage"] for r in json.loads(result.stdout)["chain"]]
+    assert stages[0] == "reference fp32 (unfused)" and stages[-2] == "DeployLevit"
+    assert stages[-1].startswith("ort: ") and len(stages) == 7
+
+
+def test_cli_info(tmp_path, hf_128s):
+    save_file(to_timm(hf_128s[1]), str(tmp_path / "model.safetensors"))
+    result = runner.invoke(app, ["info", str(tmp_path / "model.safetensors"), "--json"])
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert (doc["layout"], doc["variant"], doc["params"]) == ("timm", "levit_128s", 7_777_058)
+    assert round(doc["flops"] / 1e6) == 305
+    bad = runner.invoke(app, ["info", str(tmp_path / "nothing.pth")])
+    assert bad.exit_code == 2 and "error:" in bad.output
