@@ -190,6 +190,109 @@ def format_parity_table(reports) -> str:
     return "\n".join(lines)
 
 
+def installed_runtimes() -> list[str]:
+    import importlib.util
+
+    found = ["torch"]
+    for name, module in (("ort", "onnxruntime"), ("openvino", "openvino"), ("tensorrt", "tensorrt")):
+        if importlib.util.find_spec(module) is not None:
+            found.append(name)
+    return found
+
+
+@app.command()
+def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpoints or artifact folders "
+                                                    "[default: levit_128s]."),
+          runtime: List[str] = typer.Option([], "--runtime", "-r",
+                                            help="torch, ort, openvino, tensorrt (repeatable) [default: all installed]."),
+          weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+          init: str = typer.Option("pretrained", help=INIT_HELP),
+          threads: int = typer.Option(1, help="Threads per runtime (the paper: 1 on CPU)."),
+          batch: int = typer.Option(16, help="Batch size (the paper: 16 on CPU)."),
+          sweep_batches: bool = typer.Option(False, "--sweep", help="Also measure throughput over batch 1..--max-batch."),
+          max_batch: int = typer.Option(64, help="Largest batch of --sweep (powers of two)."),
+          device: str = typer.Option("cpu", help="cpu or cuda (cuda: largest power-of-two batch that fits)."),
+          duration: float = typer.Option(10.0, help="Timed seconds per case (rounds are interleaved)."),
+          warmup: float = typer.Option(2.0, help="Warm-up seconds before timing."),
+          arch: Optional[str] = typer.Option(None, help="arm64: Graviton presets natively, or emulated parity on x86-64."),
+          fast_math: bool = typer.Option(False, "--bf16-fast-math", help="arm64: opt into bf16 fast-math GEMM "
+                                                                             "(parity then uses the bf16 tolerance)."),
+          plot: Optional[Path] = typer.Option(None, help="Write the --sweep curve to this PNG (needs matplotlib)."),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Time LeViT side by side with the paper's protocol (1 thread, batch 16 on CPU)."""
+    from . import bench as b
+
+    quiet_exporters()
+    if arch is not None:
+        from .arm64 import bench_arm64
+
+        doc = run_guarded(as_json, bench_arm64, targets or ["levit_128s"], arch=arch, weights=weights, init=init,
+                          threads=threads, batch=batch, duration=duration, fast_math=fast_math,
+                          runtimes=runtime or ["ort"], status=status)
+        if as_json:
+            print(json.dumps(doc, indent=2, default=str))
+        else:
+            from .arm64 import format_arm64
+            print(format_arm64(doc))
+        if not doc["ok"]:
+            raise typer.Exit(EXIT_FAILED)
+        return
+    runtimes = runtime or installed_runtimes()
+    unknown = sorted(set(runtimes) - {"torch", "ort", "openvino", "tensorrt", "coreml"})
+    if unknown:
+        fail(f"unknown runtime(s) {', '.join(unknown)}; choose torch, ort, openvino, tensorrt", as_json)
+    protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device)
+    documents = []
+    failed = False
+    for target in targets or ["levit_128s"]:
+        model, artifacts = run_guarded(as_json, _bench_target, target, weights, init)
+        if device.startswith("cuda"):
+            protocol.batch = run_guarded(as_json, b.largest_cuda_batch, model)
+            status(f"largest power-of-two batch that fits: {protocol.batch}")
+        cases = b.build_cases(model, runtimes, protocol, artifacts=artifacts)
+        status(f"{model.config.name}: {len(cases)} cases, {protocol.threads} thread(s), batch {protocol.batch}, "
+               f"{protocol.duration_s:g}s each (Ctrl-C stops and prints what was measured)")
+        results, interrupted = b.run_cases(cases, model, protocol)
+        if sweep_batches and not interrupted:
+            sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+            for case, result in zip(cases, results):
+                if result.status == "ok" and case.dynamic_batch:
+                    status(f"sweep {case.label} over batches {sizes} …")
+                    try:
+                        result.sweep = b.sweep(case, sizes, protocol)
+                    except KeyboardInterrupt:
+                        interrupted = True
+                        break
+        doc = b.report_document(results, protocol, interrupted, model.config.name)
+        documents.append(doc)
+        failed |= any(r.status != "ok" for r in results)
+        if not as_json:
+            print(f"\n{model.config.name} — {protocol.threads} thread(s), batch {protocol.batch}, "
+                  f"{doc['machine']['cpu']['model']}{' (interrupted: partial results)' if interrupted else ''}")
+            print(b.format_table(results))
+        if plot is not None and sweep_batches:
+            target_plot = plot if len(targets or [1]) == 1 else plot.with_stem(f"{plot.stem}-{model.config.name}")
+            run_guarded(as_json, b.plot_sweep, results, target_plot, f"{model.config.name}, {protocol.threads} thread(s)")
+            status(f"plot written to {target_plot}")
+        if interrupted:
+            break
+    if as_json:
+        print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2, default=str))
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _bench_target(target: str, weights, init):
+    """(reference model, artifacts to time) for a variant, checkpoint or artifact folder."""
+    from .manifest import MANIFEST_NAME
+    from .parity_chain import load_artifact_source
+
+    path = Path(target)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return load_artifact_source(path), [path]
+    return _load(target, weights, init), []
+
+
 @app.command()
 def version():
     """Print the levit-deploy version."""

@@ -15,7 +15,7 @@ from .base import MissingDependency, Runtime, RuntimeUnavailable
 
 # runtime name -> (module, class)
 RUNTIMES = {
-    "torch": ("levit_deploy.runtimes.torch", "TorchRuntime"),
+    "torch": ("levit_deploy.runtimes.pytorch", "TorchRuntime"),
     "ort": ("levit_deploy.runtimes.ort", "OrtRuntime"),
     "openvino": ("levit_deploy.runtimes.openvino", "OpenVinoRuntime"),
     "tensorrt": ("levit_deploy.runtimes.tensorrt", "TensorRtRuntime"),

@@ -1,0 +1,333 @@
+"""Speed measurement with the paper's protocol, every candidate side by side and interleaved.
+
+CPU: one thread, batch 16 by default; GPU: the largest power-of-two batch that fits. Each case is
+warmed up, then the cases are timed in rounds (a few calls each, round-robin) until the time budget
+is spent, so drift on a shared machine hits every case alike. Reported: images/s from the median
+call time, latency p50/p90/p99 per batch, and the spread (p90/p10 of call times).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .manifest import fingerprint
+from .parity import compare, random_inputs, reference_outputs
+
+
+@dataclass
+class BenchCase:
+    """One thing to time: a label, how to open it, and what it is."""
+
+    label: str
+    open: Callable[[], object]  # returns a Runtime
+    runtime: str
+    precision: str = "fp32"
+    size_mb: float | None = None
+    baseline: bool = False  # the unfused PyTorch model: speed-ups are relative to it
+    dynamic_batch: bool = True
+
+
+@dataclass
+class BenchResult:
+    label: str
+    runtime: str
+    precision: str
+    status: str  # "ok", "parity failed", "error"
+    batch: int
+    size_mb: float | None = None
+    parity_max_abs: float | None = None
+    parity_rel: float | None = None
+    parity_passed: bool | None = None
+    images_per_s: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    spread: float | None = None
+    calls: int = 0
+    speedup: float | None = None
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)  # batch -> images/s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Protocol:
+    threads: int | None = 1
+    batch: int = 16
+    warmup_s: float = 2.0
+    duration_s: float = 10.0  # timed seconds per case
+    round_calls: int = 3
+    device: str = "cpu"
+    parity_samples: int = 8
+
+
+def percentiles(times: list[float], batch: int) -> dict:
+    t = np.asarray(times)
+    p10, p50, p90, p99 = np.percentile(t, [10, 50, 90, 99])
+    return {"images_per_s": batch / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "p99_ms": p99 * 1e3,
+            "spread": p90 / p10, "calls": len(t)}
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal, quiet otherwise."""
+
+    def __init__(self, total: float, label: str):
+        self.total, self.label, self.tty = total, label, sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, done: float, note: str = "") -> None:
+        if not self.tty:
+            return
+        frac = min(1.0, done / self.total) if self.total else 1.0
+        bar = "#" * int(frac * 30)
+        print(f"\r{self.label} [{bar:<30}] {frac:4.0%} {note:<40}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[list[BenchResult], bool]:
+    """Open, parity-check, warm up and time every case; returns (results, interrupted)."""
+    inputs = random_inputs(protocol.parity_samples, seed=0)
+    ref = reference_outputs(reference, inputs) if reference is not None else None
+    batch = random_inputs(protocol.batch, seed=1)
+    opened, results = [], []
+    for case in cases:
+        result = BenchResult(case.label, case.runtime, case.precision, "ok", protocol.batch, case.size_mb)
+        results.append(result)
+        try:
+            rt = case.open()
+            result.info = rt.info()
+            manifest = getattr(rt, "manifest", None)
+            if result.size_mb is None and manifest:
+                result.size_mb = manifest["artifact"]["size_bytes"] / 1e6
+            elif result.size_mb is None and os.path.isfile(result.info.get("path", "")):
+                result.size_mb = os.path.getsize(result.info["path"]) / 1e6
+            result.precision = getattr(rt, "precision", case.precision)
+            if ref is not None:
+                report = compare(ref, rt, inputs, result.precision, stage=case.label)
+                result.parity_max_abs, result.parity_rel = report.max_abs, report.min_rel_tolerance
+                result.parity_passed = report.passed
+                if not report.passed:
+                    result.status = "parity failed"
+            rt.infer(batch)
+            opened.append((case, rt, result, []))
+        except KeyboardInterrupt:
+            return results, True
+        except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
+            result.status, result.error = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    interrupted = False
+    progress = Progress(protocol.warmup_s + protocol.duration_s, "measuring")
+    try:
+        _warm_up(opened, batch, protocol, progress)
+        deadline_per_case = protocol.duration_s
+        spent = {id(c): 0.0 for c, *_ in opened}
+        while opened and min(spent.values()) < deadline_per_case:
+            for case, rt, result, times in opened:
+                for _ in range(protocol.round_calls):
+                    t0 = time.perf_counter()
+                    rt.infer(batch)
+                    times.append(time.perf_counter() - t0)
+                    spent[id(case)] += times[-1]
+            progress.update(protocol.warmup_s + min(spent.values()), f"{len(opened[0][3])} calls per case")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+        for case, rt, result, times in opened:
+            if times:
+                for key, value in percentiles(times, protocol.batch).items():
+                    setattr(result, key, value)
+            rt.close()
+    _speedups(results)
+    return results, interrupted
+
+
+def _warm_up(opened, batch, protocol: Protocol, progress: Progress) -> None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < protocol.warmup_s:
+        for _, rt, _, _ in opened:
+            rt.infer(batch)
+        progress.update(time.perf_counter() - start, "warm-up")
+
+
+def _speedups(results: list[BenchResult]) -> None:
+    base = next((r for r in results if r.label.startswith("torch unfused") and r.images_per_s), None)
+    for r in results:
+        if base and r.images_per_s:
+            r.speedup = r.images_per_s / base.images_per_s
+
+
+def sweep(case: BenchCase, batches: list[int], protocol: Protocol) -> dict[int, float]:
+    """images/s per batch size for one case (same warm-up and median protocol)."""
+    out = {}
+    rt = case.open()
+    try:
+        for b in batches:
+            x = random_inputs(b, seed=2)
+            t_end = time.perf_counter() + protocol.warmup_s / 2
+            while time.perf_counter() < t_end:
+                rt.infer(x)
+            times, spent = [], 0.0
+            while spent < protocol.duration_s / len(batches) or len(times) < 5:
+                t0 = time.perf_counter()
+                rt.infer(x)
+                times.append(time.perf_counter() - t0)
+                spent += times[-1]
+            out[b] = b / float(np.median(times))
+    finally:
+        rt.close()
+    return out
+
+
+def largest_power_of_two_batch(try_batch: Callable[[int], bool], limit: int = 8192) -> int:
+    """The largest 2^k <= limit for which ``try_batch`` succeeds (e.g. no CUDA out-of-memory)."""
+    batch, best = 1, 0
+    while batch <= limit and try_batch(batch):
+        best, batch = batch, batch * 2
+    if not best:
+        raise RuntimeError("not even batch 1 fits on the device")
+    return best
+
+
+def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path | None = None,
+                artifacts: list[Path] = (), include_baselines: bool = True) -> list[BenchCase]:
+    """The standard line-up for a model: what users have, what a plain export gives, and ours."""
+    from .fuse import fuse
+    from .runtimes import open_runtime
+
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
+    t, dev = protocol.threads, protocol.device
+    cases = []
+    if include_baselines:
+        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t), "torch",
+                               baseline=True))
+    if "torch" in runtimes:
+        deploy = fuse(model, check=False)
+        cases.append(BenchCase("torch fused (eager)", lambda: open_runtime(deploy, "torch", dev, t), "torch"))
+    if "ort" in runtimes and include_baselines:
+        plain = work_dir / "plain-unfused.onnx"
+        cases.append(BenchCase("ort plain export (unfused)", lambda: _open_plain(model, plain, dev, t), "ort",
+                               size_mb=None))
+    for rt_name, target in (("ort", "onnx"), ("openvino", "openvino"), ("tensorrt", "tensorrt")):
+        if rt_name in runtimes and not artifacts:
+            folder = work_dir / f"ours-{target}"
+            cases.append(BenchCase(f"{rt_name} levit-deploy", _export_then_open(model, target, folder, dev, t),
+                                   rt_name))
+    for path in artifacts:
+        cases.append(BenchCase(f"artifact {Path(path).name}", lambda p=path: open_runtime(p, None, dev, t),
+                               "artifact"))
+    return cases
+
+
+def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None):
+    def opener():
+        from .exporters import export
+        from .runtimes import open_runtime
+
+        if not (folder / "manifest.json").exists():
+            export(model, target, folder)
+        return open_runtime(folder, None, device, threads)
+    return opener
+
+
+def _open_plain(model, path: Path, device: str, threads: int | None):
+    """What Optimum or timm's exporter gives: the unfused model straight through torch.onnx."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from .runtimes import open_runtime
+
+    if not path.exists():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(2, 3, 224, 224),), str(path), input_names=["pixel_values"],
+                              output_names=["logits"], dynamo=True, external_data=False,
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    return open_runtime(path, "ort", device, threads)
+
+
+def report_document(results: list[BenchResult], protocol: Protocol, interrupted: bool, model_name: str) -> dict:
+    return {"model": model_name, "protocol": asdict(protocol), "interrupted": interrupted,
+            "machine": fingerprint(protocol.threads), "results": [r.to_dict() for r in results]}
+
+
+def format_table(results: list[BenchResult]) -> str:
+    rows = [("case", "runtime", "prec", "status", "size MB", "parity max|Δ|", "img/s", "p50 ms", "p99 ms",
+             "spread", "speed-up")]
+    icon = {"ok": "✅", "parity failed": "❎", "error": "❌"}
+    for r in results:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        rows.append((r.label, r.runtime, r.precision, f"{icon[r.status]} {r.status}", f(r.size_mb, ".1f"),
+                     f(r.parity_max_abs, ".2e"), f(r.images_per_s, ".1f"), f(r.p50_ms, ".1f"), f(r.p99_ms, ".1f"),
+                     f(r.spread, ".2f"), "-" if r.speedup is None else f"{r.speedup:.2f}x"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for r in results:
+        if r.error:
+            lines.append(f"{r.label}: {r.error}")
+    return "\n".join(lines)
+
+
+def plot_sweep(results: list[BenchResult], path: Path, title: str) -> None:
+    from .runtimes.base import require
+
+    plt = require("matplotlib.pyplot", "--plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r.sweep:
+            xs = sorted(int(b) for b in r.sweep)
+            ax.plot(xs, [r.sweep[b] for b in xs], marker="o", label=r.label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def largest_cuda_batch(model, limit: int = 8192) -> int:
+    """The paper's GPU protocol: the largest power-of-two batch whose fp16 forward fits in memory."""
+    import torch
+
+    from .fuse import fuse
+    from .runtimes.base import RuntimeUnavailable
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    deploy = fuse(model, check=False).cuda().eval()
+
+    def fits(batch: int) -> bool:
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                deploy(torch.randn(batch, 3, 224, 224, device="cuda"))
+            torch.cuda.synchronize()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    try:
+        return largest_power_of_two_batch(fits, limit)
+    finally:
+        del deploy
+        torch.cuda.empty_cache()
