@@ -143,6 +143,9 @@ def compare(reference: torch.nn.Module | np.ndarray, candidate: torch.nn.Module 
     candidate: a torch module (run in float32), a Runtime, or any callable from a float32 batch to logits.
     """
     ref = reference if isinstance(reference, np.ndarray) else reference_outputs(reference, inputs)
+    if getattr(candidate, "returns_log_probabilities", False):  # e.g. CoreML classifier packages
+        ref = ref - ref.max(1, keepdims=True)
+        ref = ref - np.log(np.exp(ref).sum(1, keepdims=True))
     if isinstance(candidate, torch.nn.Module):
         out = run_module(candidate.eval(), inputs)
     elif hasattr(candidate, "infer"):

@@ -1,0 +1,27 @@
+"""Class names: the 1000 ImageNet-1k names shipped with the package, or a user's file."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def imagenet_labels() -> tuple[str, ...]:
+    """ImageNet-1k class names in index order (short WordNet names, as Keras and PyTorch Hub list them)."""
+    text = resources.files("levit_deploy").joinpath("data/imagenet_labels.txt").read_text()
+    names = tuple(line for line in text.splitlines() if line)
+    assert len(names) == 1000, "packaged label file is damaged"
+    return names
+
+
+def load_labels(path: str | Path | None, num_classes: int) -> list[str]:
+    """Names for a head of ``num_classes``: a file (one name per line), ImageNet for 1000, else indices."""
+    if path is not None:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise ValueError(f"{path}: {len(names)} labels for a head with {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        return list(imagenet_labels())
+    return [str(i) for i in range(num_classes)]
