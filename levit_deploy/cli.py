@@ -294,6 +294,75 @@ def _bench_target(target: str, weights, init):
 
 
 @app.command()
+def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+            model: str = typer.Option("levit_128s", help=MODEL_HELP + " Or an artifact folder."),
+            weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+            init: str = typer.Option("pretrained", help=INIT_HELP),
+            runtime: Optional[str] = typer.Option(None, help="ort (default), torch, openvino, tensorrt or coreml. "
+                                                             "Without an artifact the model is exported once into "
+                                                             "the cache, parity-checked, and reused."),
+            topk: int = typer.Option(5, help="Classes to report per image."),
+            batch: int = typer.Option(32, help="Images decoded and inferred together (bounds memory)."),
+            threads: Optional[int] = typer.Option(None, help="Runtime threads [default: the runtime's own]."),
+            labels: Optional[Path] = typer.Option(None, help="Class names, one per line, for non-ImageNet heads."),
+            preprocess: Optional[str] = typer.Option(None, help="Override the transform: official, hf or timm "
+                                                                "[default: the checkpoint's own, from the manifest]."),
+            max_pixels: int = typer.Option(64_000_000, help="Refuse larger images (decompression-bomb guard)."),
+            csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one CSV row per input here."),
+            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Classify images: top-k ImageNet classes per image; bad files get an error and the rest go on."""
+    import csv
+
+    from .predict import Predictor, expand_inputs
+
+    quiet_exporters()
+    if preprocess is not None and preprocess not in ("official", "hf", "timm"):
+        fail(f"--preprocess must be official, hf or timm, not {preprocess!r}", as_json)
+    status(f"opening {model} …")
+    predictor = run_guarded(as_json, Predictor, model, weights=weights, init=init, runtime=runtime,
+                            threads=threads, labels=labels, preprocess=preprocess)
+    records, failed = [], 0
+    writer = None
+    csv_file = open(csv_path, "w", newline="") if csv_path else None
+    try:
+        if csv_file:
+            writer = csv.writer(csv_file)
+            writer.writerow(["path", "status", *[f"{f}{r}" for r in range(1, topk + 1) for f in ("label", "prob")],
+                             "error"])
+        paths = list(expand_inputs(inputs))
+        tty = sys.stderr.isatty()
+        for n, pred in enumerate(predictor.predict(paths, topk=topk, batch=batch, max_pixels=max_pixels), 1):
+            if tty:
+                print(f"\r{n}/{len(paths)} images", end="", file=sys.stderr, flush=True)
+            failed += not pred.ok
+            if as_json:
+                records.append(pred.to_dict())
+            elif pred.ok:
+                best = ", ".join(f"{t['label']} {t['prob']:.1%}" for t in pred.topk)
+                print(f"{pred.path}: {best}")
+            if not pred.ok:
+                print(f"error: {pred.error}", file=sys.stderr)
+            if writer:
+                cells = [c for t in pred.topk for c in (t["label"], f"{t['prob']:.6f}")]
+                cells += [""] * (2 * topk - len(cells))
+                writer.writerow([pred.path, "ok" if pred.ok else "error", *cells, pred.error or ""])
+        if tty:
+            print(file=sys.stderr)
+    finally:
+        predictor.close()
+        if csv_file:
+            csv_file.close()
+    if as_json:
+        print(json.dumps({"ok": failed == 0, "model": predictor.description, "preprocessing": predictor.spec.to_dict(),
+                          "failed": failed, "results": records}, indent=2))
+    if failed:
+        status(f"{failed} of {len(paths)} inputs failed")
+        raise typer.Exit(EXIT_FAILED)
+    if not paths:
+        fail("no images found in the given paths", as_json)
+
+
+@app.command()
 def version():
     """Print the levit-deploy version."""
     print(__version__)

@@ -88,7 +88,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> I
             arr = arr * 255.0 / 65535.0 if arr.max(initial=0) > 255 else arr
         else:
             arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
         return gray.convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 

@@ -1,0 +1,138 @@
+"""Images in, top-k classes out, through any runtime, robust to bad files.
+
+Inputs stream in batches (memory stays bounded by the batch size); a file that cannot be decoded
+becomes an error record and the others carry on. Without an artifact, the model is exported once
+into the cache (with the parity gate) and reused on later runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import __version__
+from .checkpoints import cache_dir, load
+from .labels import load_labels
+from .manifest import MANIFEST_NAME, ManifestError, read_manifest
+from .preprocess import DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image, spec_for_layout, transform
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+                  ".jfif", ".ico", ".tga"}
+RUNTIME_FORMATS = {"ort": "onnx", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coreml"}
+
+
+@dataclass
+class Prediction:
+    path: str
+    ok: bool
+    topk: list[dict] = field(default_factory=list)  # [{"rank", "index", "label", "prob"}]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files named explicitly, and image files (by suffix) under folders, in sorted order."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        yield Path(root) / name
+        else:
+            yield p  # a missing or unreadable path becomes an error record downstream
+
+
+def cached_artifact(model, target: str, precision: str = "fp32") -> Path:
+    """An exported, parity-checked artifact for ``model``, made once and reused from the cache."""
+    from .exporters import export
+
+    info = model.load_info
+    source = info.sha256 or f"{info.variant}-seed{info.seed}"
+    key = hashlib.sha256(f"{source}|{target}|{precision}|{__version__}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{target}-{precision}"
+    if (folder / MANIFEST_NAME).is_file():
+        try:
+            from .manifest import verify_artifact
+            manifest, _ = read_manifest(folder)
+            verify_artifact(manifest, folder)
+            return folder
+        except ManifestError:
+            pass  # damaged cache entry: export again over it
+    export(model, target, folder, precision=precision)
+    return folder
+
+
+class Predictor:
+    """A runtime plus the preprocessing and labels that belong to it."""
+
+    def __init__(self, model: str = "levit_128s", weights=None, init: str = "pretrained", runtime: str | None = None,
+                 threads: int | None = None, labels: str | Path | None = None, preprocess: str | None = None,
+                 device: str = "cpu"):
+        from .fuse import fuse
+        from .runtimes import open_runtime
+
+        path = Path(model)
+        if path.is_dir() and (path / MANIFEST_NAME).is_file():
+            manifest, _ = read_manifest(path)
+            self.runtime = open_runtime(path, runtime, device, threads)
+            spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+            num_classes = manifest["model"]["num_classes"]
+            self.description = f"{manifest['model']['variant']} artifact {path}"
+        else:
+            ref = load(model, weights=weights, init=init)
+            spec = spec_for_layout(ref.load_info.layout)
+            num_classes = ref.config.num_classes
+            runtime = runtime or "ort"
+            if runtime == "torch":
+                self.runtime = open_runtime(fuse(ref), "torch", device, threads)
+            elif runtime in RUNTIME_FORMATS:
+                self.runtime = open_runtime(cached_artifact(ref, RUNTIME_FORMATS[runtime]), runtime, device, threads)
+            else:
+                raise ValueError(f"unknown runtime {runtime!r}; choose torch, ort, openvino, tensorrt or coreml")
+            self.description = f"{ref.config.name} ({ref.load_info.source}) on {runtime}"
+        self.spec = SPECS[preprocess] if preprocess else spec
+        self.labels = load_labels(labels, num_classes)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def predict(self, paths: Iterable[str | Path], topk: int = 5, batch: int = 32,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Prediction]:
+        """Yield one Prediction per input, in order, decoding and inferring ``batch`` images at a time."""
+        pending: list[tuple[int, str, np.ndarray | None, str | None]] = []
+        for i, p in enumerate(paths):
+            try:
+                pending.append((i, str(p), transform(decode_image(p, max_pixels, self.spec.background), self.spec), None))
+            except ImageError as e:
+                pending.append((i, str(p), None, str(e)))
+            if sum(x is not None for _, _, x, _ in pending) >= batch:
+                yield from self._flush(pending, topk)
+                pending = []
+        yield from self._flush(pending, topk)
+
+    def _flush(self, pending, topk: int) -> Iterator[Prediction]:
+        good = [x for _, _, x, _ in pending if x is not None]
+        probs = iter(softmax(self.runtime.infer(np.stack(good))) if good else [])
+        k = min(topk, len(self.labels))
+        for _, path, x, error in pending:
+            if x is None:
+                yield Prediction(path, False, error=error)
+                continue
+            p = next(probs)
+            order = np.argsort(-p)[:k]
+            yield Prediction(path, True, [{"rank": r + 1, "index": int(c), "label": self.labels[c],
+                                           "prob": float(p[c])} for r, c in enumerate(order)])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
