@@ -68,6 +68,7 @@ class Protocol:
     duration_s: float = 10.0  # timed seconds per case
     round_calls: int = 3
     device: str = "cpu"
+    precision: str = "fp32"  # torch runtime: fp32, or fp16/bf16 autocast (the paper's GPU protocol is fp16)
     parity_samples: int = 8
 
 
@@ -102,6 +103,9 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
     inputs = random_inputs(protocol.parity_samples, seed=0)
     ref = reference_outputs(reference, inputs) if reference is not None else None
     batch = random_inputs(protocol.batch, seed=1)
+    if protocol.device.startswith("cuda"):  # GPU cases read device-resident input, as in the paper
+        import torch
+        device_batch = torch.from_numpy(batch).to(protocol.device)
     opened, results = [], []
     for case in cases:
         result = BenchResult(case.label, case.runtime, case.precision, "ok", protocol.batch, case.size_mb)
@@ -121,8 +125,10 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
                 result.parity_passed = report.passed
                 if not report.passed:
                     result.status = "parity failed"
-            rt.infer(batch)
-            opened.append((case, rt, result, []))
+            feed = device_batch if protocol.device.startswith("cuda") and case.runtime in ("torch", "tensorrt") \
+                else batch
+            rt.infer(feed)
+            opened.append((case, rt, result, [], feed))
         except KeyboardInterrupt:
             return results, True
         except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
@@ -134,10 +140,10 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
         deadline_per_case = protocol.duration_s
         spent = {id(c): 0.0 for c, *_ in opened}
         while opened and min(spent.values()) < deadline_per_case:
-            for case, rt, result, times in opened:
+            for case, rt, result, times, feed in opened:
                 for _ in range(protocol.round_calls):
                     t0 = time.perf_counter()
-                    rt.infer(batch)
+                    rt.infer(feed)
                     times.append(time.perf_counter() - t0)
                     spent[id(case)] += times[-1]
             progress.update(protocol.warmup_s + min(spent.values()), f"{len(opened[0][3])} calls per case")
@@ -145,7 +151,7 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
         interrupted = True
     finally:
         progress.close()
-        for case, rt, result, times in opened:
+        for case, rt, result, times, _ in opened:
             if times:
                 for key, value in percentiles(times, protocol.batch).items():
                     setattr(result, key, value)
@@ -157,8 +163,8 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
 def _warm_up(opened, batch, protocol: Protocol, progress: Progress) -> None:
     start = time.perf_counter()
     while time.perf_counter() - start < protocol.warmup_s:
-        for _, rt, _, _ in opened:
-            rt.infer(batch)
+        for _, rt, _, _, feed in opened:
+            rt.infer(feed)
         progress.update(time.perf_counter() - start, "warm-up")
 
 
@@ -208,14 +214,18 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
     from .runtimes import open_runtime
 
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
-    t, dev = protocol.threads, protocol.device
+    t, dev, prec = protocol.threads, protocol.device, protocol.precision
     cases = []
     if include_baselines:
-        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t), "torch",
-                               baseline=True))
+        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t, precision=prec),
+                               "torch", precision=prec, baseline=True))
     if "torch" in runtimes:
         deploy = fuse(model, check=False)
-        cases.append(BenchCase("torch fused (eager)", lambda: open_runtime(deploy, "torch", dev, t), "torch"))
+        cases.append(BenchCase("torch fused (eager)", lambda: open_runtime(deploy, "torch", dev, t, precision=prec),
+                               "torch", precision=prec))
+        if dev.startswith("cuda"):
+            cases.append(BenchCase("torch fused (CUDA graph)", lambda: open_runtime(
+                deploy, "torch", dev, t, precision=prec, cuda_graph=True), "torch", precision=prec))
     if "ort" in runtimes and include_baselines:
         plain = work_dir / "plain-unfused.onnx"
         cases.append(BenchCase("ort plain export (unfused)", lambda: _open_plain(model, plain, dev, t), "ort",
@@ -223,21 +233,24 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
     for rt_name, target in (("ort", "onnx"), ("openvino", "openvino"), ("tensorrt", "tensorrt")):
         if rt_name in runtimes and not artifacts:
             folder = work_dir / f"ours-{target}"
-            cases.append(BenchCase(f"{rt_name} levit-deploy", _export_then_open(model, target, folder, dev, t),
-                                   rt_name))
+            export_precision = prec if rt_name == "tensorrt" else "fp32"
+            cases.append(BenchCase(f"{rt_name} levit-deploy",
+                                   _export_then_open(model, target, folder, dev, t, export_precision), rt_name,
+                                   precision=export_precision))
     for path in artifacts:
         cases.append(BenchCase(f"artifact {Path(path).name}", lambda p=path: open_runtime(p, None, dev, t),
                                "artifact"))
     return cases
 
 
-def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None):
+def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None,
+                      precision: str = "fp32"):
     def opener():
         from .exporters import export
         from .runtimes import open_runtime
 
         if not (folder / "manifest.json").exists():
-            export(model, target, folder)
+            export(model, target, folder, precision=precision)
         return open_runtime(folder, None, device, threads)
     return opener
 

@@ -19,13 +19,14 @@ EXIT_ERROR = 2  # bad input or environment: nothing useful was produced
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .arm64 import Arm64Error
     from .checkpoints import CheckpointError
     from .exporters import ExportError
     from .manifest import ManifestError
     from .preprocess import ImageError
     from .runtimes.base import MissingDependency, RuntimeUnavailable
 
-    return (CheckpointError, ExportError, ManifestError, MissingDependency, RuntimeUnavailable, ImageError,
+    return (Arm64Error, CheckpointError, ExportError, ManifestError, MissingDependency, RuntimeUnavailable, ImageError,
             ValueError, FileNotFoundError, KeyError)
 
 
@@ -212,6 +213,8 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
           sweep_batches: bool = typer.Option(False, "--sweep", help="Also measure throughput over batch 1..--max-batch."),
           max_batch: int = typer.Option(64, help="Largest batch of --sweep (powers of two)."),
           device: str = typer.Option("cpu", help="cpu or cuda (cuda: largest power-of-two batch that fits)."),
+          precision: Optional[str] = typer.Option(None, help="torch/tensorrt precision: fp32, fp16 or bf16 "
+                                                             "[default: fp32 on cpu, fp16 autocast on cuda as the paper]."),
           duration: float = typer.Option(10.0, help="Timed seconds per case (rounds are interleaved)."),
           warmup: float = typer.Option(2.0, help="Warm-up seconds before timing."),
           arch: Optional[str] = typer.Option(None, help="arm64: Graviton presets natively, or emulated parity on x86-64."),
@@ -241,7 +244,9 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
     unknown = sorted(set(runtimes) - {"torch", "ort", "openvino", "tensorrt", "coreml"})
     if unknown:
         fail(f"unknown runtime(s) {', '.join(unknown)}; choose torch, ort, openvino, tensorrt", as_json)
-    protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device)
+    precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
+    protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device,
+                          precision=precision)
     documents = []
     failed = False
     for target in targets or ["levit_128s"]:
@@ -360,6 +365,24 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
         raise typer.Exit(EXIT_FAILED)
     if not paths:
         fail("no images found in the given paths", as_json)
+
+
+arm64_app = typer.Typer(help="ARM64 (Graviton): prepare the emulated aarch64 environment used on x86-64 hosts.")
+app.add_typer(arm64_app, name="arm64")
+
+
+@arm64_app.command("setup")
+def arm64_setup(force: bool = typer.Option(False, help="Rebuild even if it exists."),
+                as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Build, once, a cached aarch64 Python with numpy and onnxruntime, run through qemu-aarch64-static."""
+    from .arm64 import Emulator
+
+    info = run_guarded(as_json, Emulator().setup, status, force)
+    if as_json:
+        print(json.dumps({"ok": True, **info}, indent=2))
+    else:
+        print(f"ready: {info['python']} (aarch64) with numpy {info['numpy']} and onnxruntime {info['onnxruntime']}, "
+              f"{info['qemu']}, in {info['sysroot']}")
 
 
 @app.command()

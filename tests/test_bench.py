@@ -1,0 +1,102 @@
+"""bench: the protocol's bookkeeping, the side-by-side table, sweep, plot and Ctrl-C."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import levit_deploy as ld
+from levit_deploy import bench
+from levit_deploy.cli import app
+
+runner = CliRunner()
+FAST = ["--duration", "0.6", "--warmup", "0.2"]
+
+
+def test_percentiles():
+    stats = bench.percentiles([0.1] * 10 + [0.2] * 10, batch=16)
+    assert stats["p50_ms"] == pytest.approx(150.0) and stats["images_per_s"] == pytest.approx(16 / 0.15)
+    assert stats["p99_ms"] == pytest.approx(200.0) and stats["calls"] == 20
+
+
+def test_largest_power_of_two_batch():
+    assert bench.largest_power_of_two_batch(lambda b: b <= 300) == 256
+    with pytest.raises(RuntimeError, match="not even batch 1"):
+        bench.largest_power_of_two_batch(lambda b: False)
+
+
+def test_side_by_side_table_and_json():
+    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "torch", "-r", "ort", "--batch",
+                                 "2", *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    labels = [r["label"] for r in doc["results"]]
+    assert labels == ["torch unfused (eager)", "torch fused (eager)", "ort plain export (unfused)", "ort levit-deploy"]
+    for r in doc["results"]:
+        assert r["status"] == "ok" and r["images_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+        assert r["parity_passed"] and r["parity_max_abs"] < 1e-3 and r["calls"] >= 3
+    assert doc["results"][0]["speedup"] == pytest.approx(1.0)
+    assert doc["protocol"]["threads"] == 1 and doc["protocol"]["batch"] == 2
+    assert doc["machine"]["cpu"]["model"] and doc["results"][3]["size_mb"] > 1
+    assert doc["results"][3]["info"]["threads"] == 1 and doc["results"][3]["info"]["graph_optimization"] == "all"
+    text = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "torch", "--batch", "1", *FAST])
+    assert "speed-up" in text.output and "✅ ok" in text.output
+
+
+def test_sweep_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "torch", "--batch", "1", "--sweep",
+                                 "--max-batch", "4", "--plot", str(png), *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    sweeps = [r["sweep"] for r in json.loads(result.stdout)["results"]]
+    assert all(sorted(map(int, s)) == [1, 2, 4] for s in sweeps)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_keeps_what_was_measured(monkeypatch):
+    model = ld.load("levit_128s", init="random")
+    calls = {"n": 0}
+
+    class Flaky:
+        name, precision = "fake", "fp32"
+
+        def __init__(self):
+            self.inner = ld.open_runtime(ld.fuse(model), "torch")
+
+        def infer(self, x):
+            calls["n"] += 1
+            if calls["n"] > 12:
+                raise KeyboardInterrupt
+            return self.inner.infer(x)
+
+        def info(self):
+            return {}
+
+        def close(self):
+            pass
+    protocol = bench.Protocol(batch=1, warmup_s=0.0, duration_s=60, round_calls=2, parity_samples=2)
+    cases = [bench.BenchCase("flaky", Flaky, "fake")]
+    results, interrupted = bench.run_cases(cases, model, protocol)
+    assert interrupted and results[0].calls > 0 and results[0].images_per_s > 0
+
+
+def test_a_failing_case_does_not_stop_the_others():
+    model = ld.load("levit_128s", init="random")
+
+    def broken():
+        raise RuntimeError("backend exploded")
+    cases = [bench.BenchCase("broken", broken, "x"),
+             bench.BenchCase("torch", lambda: ld.open_runtime(model, "torch"), "torch")]
+    results, _ = bench.run_cases(cases, model, bench.Protocol(batch=1, warmup_s=0, duration_s=0.3, parity_samples=2))
+    assert results[0].status == "error" and "backend exploded" in results[0].error
+    assert results[1].status == "ok" and results[1].images_per_s > 0
+    assert "backend exploded" in bench.format_table(results)
+
+
+def test_cuda_without_gpu_is_one_clear_line():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "--device", "cuda", *FAST])
+    assert result.exit_code == 2 and "PyTorch sees no CUDA GPU" in result.output
