@@ -234,9 +234,10 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
         if rt_name in runtimes and not artifacts:
             folder = work_dir / f"ours-{target}"
             export_precision = prec if rt_name == "tensorrt" else "fp32"
+            options = {"inference_precision": prec} if rt_name == "openvino" and prec != "fp32" else {}
             cases.append(BenchCase(f"{rt_name} levit-deploy",
-                                   _export_then_open(model, target, folder, dev, t, export_precision), rt_name,
-                                   precision=export_precision))
+                                   _export_then_open(model, target, folder, dev, t, export_precision, options),
+                                   rt_name, precision=export_precision))
     for path in artifacts:
         cases.append(BenchCase(f"artifact {Path(path).name}", lambda p=path: open_runtime(p, None, dev, t),
                                "artifact"))
@@ -244,14 +245,14 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
 
 
 def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None,
-                      precision: str = "fp32"):
+                      precision: str = "fp32", options: dict | None = None):
     def opener():
         from .exporters import export
         from .runtimes import open_runtime
 
         if not (folder / "manifest.json").exists():
             export(model, target, folder, precision=precision)
-        return open_runtime(folder, None, device, threads)
+        return open_runtime(folder, None, device, threads, **(options or {}))
     return opener
 
 

@@ -213,8 +213,10 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
           sweep_batches: bool = typer.Option(False, "--sweep", help="Also measure throughput over batch 1..--max-batch."),
           max_batch: int = typer.Option(64, help="Largest batch of --sweep (powers of two)."),
           device: str = typer.Option("cpu", help="cpu or cuda (cuda: largest power-of-two batch that fits)."),
-          precision: Optional[str] = typer.Option(None, help="torch/tensorrt precision: fp32, fp16 or bf16 "
-                                                             "[default: fp32 on cpu, fp16 autocast on cuda as the paper]."),
+          precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 for torch (autocast), tensorrt "
+                                                             "and openvino (inference precision; bf16 uses AMX / "
+                                                             "AVX-512 bf16 where present) [default: fp32 on cpu, "
+                                                             "fp16 on cuda as the paper]; parity follows it."),
           duration: float = typer.Option(10.0, help="Timed seconds per case (rounds are interleaved)."),
           warmup: float = typer.Option(2.0, help="Warm-up seconds before timing."),
           arch: Optional[str] = typer.Option(None, help="arm64: Graviton presets natively, or emulated parity on x86-64."),
