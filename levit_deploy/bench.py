@@ -340,8 +340,4 @@ def largest_cuda_batch(model, limit: int = 8192) -> int:
         finally:
             torch.cuda.empty_cache()
 
-    try:
-        return largest_power_of_two_batch(fits, limit)
-    finally:
-        del deploy
-        torch.cuda.empty_cache()
+    return largest_power_of_two_batch(fits, limit)

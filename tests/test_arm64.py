@@ -1,9 +1,7 @@
 """ARM64: the native option set and its recording (any host), and emulated aarch64 parity (qemu)."""
 import json
 import shutil
-import sys
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

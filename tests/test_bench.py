@@ -1,7 +1,6 @@
 """bench: the protocol's bookkeeping, the side-by-side table, sweep, plot and Ctrl-C."""
 import json
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -1,10 +1,8 @@
 """OpenVINO IR and CoreML packages: precision really as asked, parity, structural validation."""
 import json
 import platform
-import re
 import xml.etree.ElementTree as ET
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

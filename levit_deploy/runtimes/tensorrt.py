@@ -4,7 +4,6 @@ CUDA memory and streams come from PyTorch (already a dependency), so no cuda-pyt
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .base import Runtime, RuntimeUnavailable, require
