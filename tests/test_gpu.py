@@ -25,9 +25,10 @@ def model():
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown when tensorrt is missing")
-def test_tensorrt_export_without_tensorrt_is_one_line():
-    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "tensorrt"])
-    assert result.exit_code == 2
+def test_tensorrt_export_without_tensorrt_is_one_line(tmp_path):
+    out = tmp_path / "trt"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "tensorrt", "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()  # nothing left behind
     line = [l for l in result.output.splitlines() if l.startswith("error:")][0]
     assert "pip install 'levit-deploy[tensorrt]'" in line
 

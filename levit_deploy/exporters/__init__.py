@@ -147,8 +147,10 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
     n_img = parity_samples // 2
     inputs, kind = parity_inputs(parity_samples - n_img, n_img, seed=0, spec=spec)
 
-    fusion = fuse_checked(model, inputs[:4])
+    reference = reference_outputs(model, inputs)
+    fusion = fuse_checked(model, inputs[:4], reference=reference[:4])
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     try:
@@ -159,7 +161,7 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
         if staged.parity_pending:
             parity = {"status": "pending", "reason": staged.parity_pending, "precision": precision}
         else:
-            report = _check_parity(staged, staging, opts, reference_outputs(model, inputs), inputs, kind)
+            report = _check_parity(staged, staging, opts, reference, inputs, kind)
             parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
             if not report.passed:
                 failed = out_dir / f"parity-failed-{to}.json"
@@ -174,6 +176,8 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
             stale.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # a failed export leaves no empty folder behind
+            out_dir.rmdir()
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 
