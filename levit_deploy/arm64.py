@@ -28,8 +28,9 @@ import numpy as np
 from .checkpoints import cache_dir
 from .manifest import cpu_info
 
-# onnxruntime 1.25+ for aarch64 crashes at import under Debian 12's qemu 7.2 (1.31 verified); 1.20-1.24
-# run. 1.24.4 is the newest that works there. Native hosts use whatever onnxruntime is installed.
+# Emulation pins onnxruntime: the 1.31.1 aarch64 wheel dies with SIGSEGV at import under Debian 12's
+# qemu-user 7.2 (seen here), while 1.24.4 imports and runs LeViT (1.20-1.24 are reported to run).
+# Native aarch64 hosts use whatever onnxruntime is installed.
 EMULATED_ORT = "onnxruntime==1.24.4"
 EMULATED_NUMPY = "numpy==2.2.6"
 PYTHON = "python3.11"

@@ -38,6 +38,8 @@ class Runtime(ABC):
     name: str = "runtime"
     #: the precision that actually ran; parity uses its tolerance
     precision: str = "fp32"
+    #: the artifact's manifest, already checked against its files (None for modules and bare files)
+    manifest: dict | None = None
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray: ...
