@@ -216,9 +216,10 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
     t, dev, prec = protocol.threads, protocol.device, protocol.precision
     cases = []
-    if include_baselines:
-        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t, precision=prec),
-                               "torch", precision=prec, baseline=True))
+    if include_baselines:  # what a user has: fp32 on CPU, the paper's fp16 autocast on GPU
+        base = prec if dev.startswith("cuda") else "fp32"
+        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t, precision=base),
+                               "torch", precision=base, baseline=True))
     if "torch" in runtimes:
         deploy = fuse(model, check=False)
         cases.append(BenchCase("torch fused (eager)", lambda: open_runtime(deploy, "torch", dev, t, precision=prec),
