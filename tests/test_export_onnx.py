@@ -185,7 +185,7 @@ def test_static_batch_and_fp16(exported_128s, tmp_path):
     half = ld.export(model, "onnx", tmp_path / "fp16", precision="fp16")
     p = half.manifest["parity"]
     assert p["precision"] == "fp16" and p["status"] == "passed" and p["min_cosine"] >= 0.999
-    assert p["max_abs"] > 1e-4 * p["ref_scale"] * 1e-3  # really fp16: not bit-identical to fp32
+    assert p["max_abs"] > 1e-4 * p["ref_scale"]  # really fp16: an error the fp32 tolerance would reject
     graph = onnx.load(str(half.path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
