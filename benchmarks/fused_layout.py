@@ -123,12 +123,13 @@ def export(model: nn.Module, path: Path) -> None:
 
 def sessions(path: Path):
     import onnxruntime as ort
-    import openvino as ov
+
+    from levit_deploy.runtimes.openvino import shared_core
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1,
+    compiled = shared_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1,
                                                          "INFERENCE_PRECISION_HINT": "f32",
                                                          "PERFORMANCE_HINT": "LATENCY"})
     req = compiled.create_infer_request()

@@ -204,11 +204,10 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
                 batch: int = 16, duration: float = 10.0, fast_math: bool = False, runtimes=("ort",),
                 status: Callable[[str], None] = print) -> dict:
     """Parity (and, natively, timing) of LeViT on aarch64 for each target; one document."""
-    from .checkpoints import load
-    from .manifest import MANIFEST_NAME, read_manifest
+    from .checkpoints import load, load_artifact_source
+    from .exporters import cached_export
+    from .manifest import is_artifact, read_manifest
     from .parity import compare_outputs, reference_outputs
-    from .parity_chain import load_artifact_source
-    from .predict import cached_artifact
     from .preprocess import parity_inputs, spec_for_layout
 
     if arch not in ("arm64", "aarch64"):
@@ -228,7 +227,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
     runs = []
     for target in targets:
         path = Path(target)
-        if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        if is_artifact(path):
             manifest, _ = read_manifest(path)
             if manifest["artifact"]["format"] != "onnx":
                 raise Arm64Error(f"{path}: a {manifest['artifact']['format']} artifact; --arch arm64 runs ONNX "
@@ -237,7 +236,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
         else:
             model = load(target, weights=weights, init=init)
             status(f"{model.config.name}: exporting (or reusing the cached ONNX artifact) …")
-            folder = cached_artifact(model, "onnx")
+            folder = cached_export(model, "onnx")
         inputs, kind = parity_inputs(8, 8, seed=0, spec=spec_for_layout(model.load_info.layout))
         ref = reference_outputs(model, inputs)
         for runtime in runtimes:

@@ -31,7 +31,6 @@ class BenchCase:
     precision: str = "fp32"
     size_mb: float | None = None
     baseline: bool = False  # the unfused PyTorch model: speed-ups are relative to it
-    dynamic_batch: bool = True
 
 
 @dataclass
@@ -156,7 +155,10 @@ def run_cases(cases: list[BenchCase], reference, protocol: Protocol) -> tuple[li
                 for key, value in percentiles(times, protocol.batch).items():
                     setattr(result, key, value)
             rt.close()
-    _speedups(results)
+    base = next((r for case, r in zip(cases, results) if case.baseline and r.images_per_s), None)
+    for r in results:
+        if base and r.images_per_s:
+            r.speedup = r.images_per_s / base.images_per_s
     return results, interrupted
 
 
@@ -166,13 +168,6 @@ def _warm_up(opened, batch, protocol: Protocol, progress: Progress) -> None:
         for _, rt, _, _, feed in opened:
             rt.infer(feed)
         progress.update(time.perf_counter() - start, "warm-up")
-
-
-def _speedups(results: list[BenchResult]) -> None:
-    base = next((r for r in results if r.label.startswith("torch unfused") and r.images_per_s), None)
-    for r in results:
-        if base and r.images_per_s:
-            r.speedup = r.images_per_s / base.images_per_s
 
 
 def sweep(case: BenchCase, batches: list[int], protocol: Protocol) -> dict[int, float]:

@@ -196,7 +196,7 @@ def expected_shapes(config: LevitConfig, layout: str, hf_prefix: str = "") -> di
     return shapes
 
 
-def _head_shape(sd: dict[str, torch.Tensor], layout: str, hf_prefix: str) -> tuple[int, bool]:
+def _head_shape(sd: dict[str, torch.Tensor], layout: str) -> tuple[int, bool]:
     names = {"official": ("head.l.weight", "head_dist.l.weight"),
              "official_fused": ("head.weight", "head_dist.weight"),
              "timm": ("head.linear.weight", "head_dist.linear.weight"),
@@ -207,12 +207,14 @@ def _head_shape(sd: dict[str, torch.Tensor], layout: str, hf_prefix: str) -> tup
     return int(sd[names[0]].shape[0]), names[1] in sd
 
 
-def _normalise_conv_mode(sd: dict[str, torch.Tensor], stem_keys: set[str]) -> tuple[dict, str]:
-    """levit_conv_* checkpoints store block linears as [out, in, 1, 1]; flatten them to [out, in]."""
-    conv = {k for k, v in sd.items() if v.dim() == 4 and k not in stem_keys and v.shape[2:] == (1, 1)}
-    if not conv:
+def flatten_conv_mode(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, mode): levit_conv_* checkpoints store block linears as [out, in, 1, 1]; flatten them.
+
+    The stem convolutions are 3x3, so the 1x1 shape alone identifies conv-mode block weights.
+    """
+    if not any(v.dim() == 4 and v.shape[2:] == (1, 1) for v in sd.values()):
         return sd, "linear"
-    return {k: (v.flatten(1) if k in conv else v) for k, v in sd.items()}, "conv"
+    return {k: (v.flatten(1) if v.dim() == 4 and v.shape[2:] == (1, 1) else v) for k, v in sd.items()}, "conv"
 
 
 def _mismatches(sd: dict, expected: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
@@ -227,26 +229,22 @@ def _ignorable(key: str) -> bool:
     return key.endswith(("attention_bias_idxs", layouts.BN_COUNTER))
 
 
-def detect(sd: dict[str, torch.Tensor]) -> tuple[str, str, str, LevitConfig]:
-    """(layout, hf_prefix, mode, config) of a state dict; raises CheckpointError if nothing fits."""
+def detect(sd: dict[str, torch.Tensor]) -> tuple[str, str, LevitConfig]:
+    """(layout, hf_prefix, config) of a linear-mode state dict; raises CheckpointError if nothing fits."""
     layout, hf_prefix = detect_layout(sd)
-    num_classes, distilled = _head_shape(sd, layout, hf_prefix)
-    probe = get_config("levit_128s", num_classes, distilled)
-    stem = {_layout_key(u, s, layout, hf_prefix) for u in layouts.units(probe)[:4]
-            for s in layouts.unit_suffixes(u.kind, layout).values()}
-    sd_flat, mode = _normalise_conv_mode(sd, stem)
+    num_classes, distilled = _head_shape(sd, layout)
     scored = []
     for name in VARIANTS:
         config = get_config(name, num_classes, distilled)
-        missing, wrong, unexpected = _mismatches(sd_flat, expected_shapes(config, layout, hf_prefix))
+        missing, wrong, unexpected = _mismatches(sd, expected_shapes(config, layout, hf_prefix))
         if not (missing or wrong or unexpected):
-            return layout, hf_prefix, mode, config
+            return layout, hf_prefix, config
         scored.append((len(missing) + len(wrong) + len(unexpected), name, missing, wrong, unexpected))
     _, name, missing, wrong, unexpected = min(scored)
     problems = ([f"shape {w}" for w in wrong[:3]] + [f"missing {k}" for k in missing[:3]]
                 + [f"unexpected {k}" for k in unexpected[:3]])
     raise CheckpointError(
-        f"{layout} layout ({mode} mode, {num_classes} classes) but the tensors match no LeViT variant; "
+        f"{layout} layout ({num_classes} classes) but the tensors match no LeViT variant; "
         f"closest is {name} ({len(missing)} missing, {len(wrong)} wrong shape, {len(unexpected)} unexpected "
         f"keys). First mismatches: {'; '.join(problems[:5])}")
 
@@ -324,8 +322,9 @@ def _check_bias_idxs(sd: dict[str, torch.Tensor], model: Levit, layout: str, hf_
 def build_from_state_dict(sd: dict[str, torch.Tensor], source: str, file_format: str = "",
                           expect_variant: str | None = None, num_classes: int | None = None) -> Levit:
     """Detect, check and load a state dict into a fresh eval-mode reference model."""
+    sd, mode = flatten_conv_mode(sd)
     try:
-        layout, hf_prefix, mode, config = detect(sd)
+        layout, hf_prefix, config = detect(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     if expect_variant is not None and config.name != expect_variant:
@@ -334,11 +333,6 @@ def build_from_state_dict(sd: dict[str, torch.Tensor], source: str, file_format:
     if num_classes is not None and num_classes != config.num_classes:
         raise CheckpointError(f"{source}: the checkpoint's head has {config.num_classes} classes, you asked "
                               f"for {num_classes}; re-train or fine-tune the head first")
-    if mode == "conv":
-        stem_units = layouts.units(config)[:4]
-        stem = {_layout_key(u, s, layout, hf_prefix) for u in stem_units
-                for s in layouts.unit_suffixes(u.kind, layout).values()}
-        sd, _ = _normalise_conv_mode(sd, stem)
     model = Levit(config)
     _check_bias_idxs(sd, model, layout, hf_prefix)
     canonical = to_canonical(sd, layout, config, hf_prefix)
@@ -408,29 +402,36 @@ def download_pretrained(variant: str, progress: bool = True) -> Path:
             os.unlink(tmp)
 
 
-def randomize_(model: Levit, seed: int = 0) -> Levit:
-    """Seeded random weights, BatchNorm statistics and attention biases.
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights, BatchNorm statistics and attention biases, in place.
 
     Default init leaves BN at identity and biases at zero, which hides fusion and layout bugs, so
-    ``--init random`` and the tests use this instead.
+    ``--init random`` and the tests use this instead. It goes by module type and parameter name,
+    so it randomises any LeViT implementation alike.
     """
     gen = torch.Generator().manual_seed(seed)
+
+    def rand(t: torch.Tensor) -> torch.Tensor:
+        return torch.rand(t.shape, generator=gen)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen)
+
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
-            elif name.endswith("bn.weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.25)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) * fan_in**-0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=gen) * 1.5 + 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.copy_(rand(module.weight) + 0.25)
+                module.bias.copy_(randn(module.bias) * 0.1)
+                module.running_mean.copy_(randn(module.running_mean) * 0.1)
+                module.running_var.copy_(rand(module.running_var) * 1.5 + 0.5)
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if name == "attention_biases":
+                    p.copy_(randn(p) * 2.0)
+                elif name == "bias":
+                    p.copy_(randn(p) * 0.1)
+                else:
+                    p.copy_(randn(p) * p[0].numel() ** -0.5)
     return model
 
 
@@ -465,6 +466,22 @@ def load(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = No
     if init != "pretrained":
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     return _load_path(download_pretrained(variant), variant, num_classes)
+
+
+def load_artifact_source(folder: str | os.PathLike) -> Levit:
+    """The reference model an artifact was exported from, rebuilt from its manifest."""
+    from .manifest import ManifestError, read_manifest
+
+    manifest, _ = read_manifest(folder)
+    src = manifest.get("source", {})
+    variant = manifest["model"]["variant"]
+    if src.get("layout") == "none" and src.get("seed") is not None:
+        return load(variant, init="random", seed=src["seed"])
+    path = src.get("source")
+    if not path or not Path(path).exists():
+        raise ManifestError(f"{folder}: the source checkpoint {path!r} recorded in the manifest is not on this "
+                            f"machine; pass it as MODEL and the artifact with --artifact")
+    return load(path)
 
 
 def _load_path(path: Path, variant: str | None, num_classes: int | None) -> Levit:

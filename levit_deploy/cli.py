@@ -27,7 +27,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .runtimes.base import MissingDependency, RuntimeUnavailable
 
     return (Arm64Error, CheckpointError, ExportError, ManifestError, MissingDependency, RuntimeUnavailable, ImageError,
-            ValueError, FileNotFoundError, KeyError)
+            ValueError, OSError, KeyError)
 
 
 def fail(message: str, as_json: bool, code: int = EXIT_ERROR) -> None:
@@ -263,7 +263,7 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
         if sweep_batches and not interrupted:
             sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
             for case, result in zip(cases, results):
-                if result.status == "ok" and case.dynamic_batch:
+                if result.status == "ok":
                     status(f"sweep {case.label} over batches {sizes} …")
                     try:
                         result.sweep = b.sweep(case, sizes, protocol)
@@ -291,12 +291,11 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
 
 def _bench_target(target: str, weights, init):
     """(reference model, artifacts to time) for a variant, checkpoint or artifact folder."""
-    from .manifest import MANIFEST_NAME
-    from .parity_chain import load_artifact_source
+    from .checkpoints import load_artifact_source
+    from .manifest import is_artifact
 
-    path = Path(target)
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return load_artifact_source(path), [path]
+    if is_artifact(target):
+        return load_artifact_source(target), [Path(target)]
     return _load(target, weights, init), []
 
 
@@ -325,12 +324,12 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
     quiet_exporters()
     if preprocess is not None and preprocess not in ("official", "hf", "timm"):
         fail(f"--preprocess must be official, hf or timm, not {preprocess!r}", as_json)
+    csv_file = run_guarded(as_json, open, csv_path, "w", newline="") if csv_path else None
     status(f"opening {model} …")
     predictor = run_guarded(as_json, Predictor, model, weights=weights, init=init, runtime=runtime,
                             threads=threads, labels=labels, preprocess=preprocess)
     records, failed = [], 0
     writer = None
-    csv_file = open(csv_path, "w", newline="") if csv_path else None
     try:
         if csv_file:
             writer = csv.writer(csv_file)

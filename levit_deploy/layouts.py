@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from .models.config import LevitConfig
 
-LAYOUTS = ("official", "official_fused", "timm", "hf")
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
 BN_COUNTER = "num_batches_tracked"
 

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump when the manifest's structure changes
 ISA_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8", "asimd", "neon", "sve", "sve2", "bf16", "i8mm", "asimddp")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DNNL_DEFAULT_FPMATH_MODE",
@@ -91,6 +91,11 @@ def fingerprint(threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
     }
+
+
+def is_artifact(path: str | Path) -> bool:
+    """True for a folder written by ``export`` (it holds a manifest.json)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
 def read_manifest(path: str | Path) -> tuple[dict, Path]:

@@ -9,31 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import load
+from .checkpoints import load, load_artifact_source
 from .fuse import FusionError, fuse_checked
-from .manifest import ManifestError, read_manifest
+from .manifest import is_artifact
 from .parity import ParityReport, compare, reference_outputs
 from .preprocess import decode_image, parity_inputs, spec_for_layout, transform
 from .runtimes import open_runtime
 
 
-def load_artifact_source(folder: Path):
-    """The reference model an artifact was exported from, rebuilt from its manifest."""
-    manifest, _ = read_manifest(folder)
-    src = manifest.get("source", {})
-    variant = manifest["model"]["variant"]
-    if src.get("layout") == "none" and src.get("seed") is not None:
-        return load(variant, init="random", seed=src["seed"])
-    path = src.get("source")
-    if not path or not Path(path).exists():
-        raise ManifestError(f"{folder}: the source checkpoint {path!r} recorded in the manifest is not on this "
-                            f"machine; pass it as MODEL and the artifact with --artifact")
-    return load(path)
-
-
 def image_inputs(folder: Path, spec) -> tuple[np.ndarray, str]:
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    arrays = [transform(decode_image(p), spec) for p in files]
+    """Every image file under ``folder`` (the same selection as predict), decoded with ``spec``."""
+    from .predict import expand_inputs
+
+    arrays = [transform(decode_image(p), spec) for p in expand_inputs([folder])]
     if not arrays:
         raise ValueError(f"{folder}: no images found")
     return np.stack(arrays), f"{len(arrays)} images from {folder}"
@@ -42,8 +30,7 @@ def image_inputs(folder: Path, spec) -> tuple[np.ndarray, str]:
 def run_chain(model: str, weights=None, init: str = "pretrained", artifacts=(), images: Path | None = None,
               samples: int = 16) -> list[ParityReport]:
     artifacts = [Path(a) for a in artifacts]
-    is_artifact = Path(model).is_dir() and (Path(model) / "manifest.json").is_file()
-    if is_artifact:
+    if is_artifact(model):
         ref = load_artifact_source(Path(model))
         artifacts.insert(0, Path(model))
     else:

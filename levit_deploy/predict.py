@@ -6,7 +6,6 @@ into the cache (with the parity gate) and reused on later runs.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import __version__
-from .checkpoints import cache_dir, load
+from .checkpoints import load
 from .labels import load_labels
-from .manifest import MANIFEST_NAME, ManifestError, read_manifest
+from .manifest import is_artifact, read_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image, spec_for_layout, transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -50,37 +48,18 @@ def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p  # a missing or unreadable path becomes an error record downstream
 
 
-def cached_artifact(model, target: str, precision: str = "fp32") -> Path:
-    """An exported, parity-checked artifact for ``model``, made once and reused from the cache."""
-    from .exporters import export
-
-    info = model.load_info
-    source = info.sha256 or f"{info.variant}-seed{info.seed}"
-    key = hashlib.sha256(f"{source}|{target}|{precision}|{__version__}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{target}-{precision}"
-    if (folder / MANIFEST_NAME).is_file():
-        try:
-            from .manifest import verify_artifact
-            manifest, _ = read_manifest(folder)
-            verify_artifact(manifest, folder)
-            return folder
-        except ManifestError:
-            pass  # damaged cache entry: export again over it
-    export(model, target, folder, precision=precision)
-    return folder
-
-
 class Predictor:
     """A runtime plus the preprocessing and labels that belong to it."""
 
     def __init__(self, model: str = "levit_128s", weights=None, init: str = "pretrained", runtime: str | None = None,
                  threads: int | None = None, labels: str | Path | None = None, preprocess: str | None = None,
                  device: str = "cpu"):
+        from .exporters import cached_export
         from .fuse import fuse
         from .runtimes import open_runtime
 
         path = Path(model)
-        if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        if is_artifact(path):
             manifest, _ = read_manifest(path)
             self.runtime = open_runtime(path, runtime, device, threads)
             spec = PreprocessSpec.from_dict(manifest["preprocessing"])
@@ -94,7 +73,7 @@ class Predictor:
             if runtime == "torch":
                 self.runtime = open_runtime(fuse(ref), "torch", device, threads)
             elif runtime in RUNTIME_FORMATS:
-                self.runtime = open_runtime(cached_artifact(ref, RUNTIME_FORMATS[runtime]), runtime, device, threads)
+                self.runtime = open_runtime(cached_export(ref, RUNTIME_FORMATS[runtime]), runtime, device, threads)
             else:
                 raise ValueError(f"unknown runtime {runtime!r}; choose torch, ort, openvino, tensorrt or coreml")
             self.description = f"{ref.config.name} ({ref.load_info.source}) on {runtime}"

@@ -160,10 +160,6 @@ def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_batch(paths: list[str | Path], spec: PreprocessSpec) -> np.ndarray:
-    return np.stack([transform(decode_image(p), spec) for p in paths])
-
-
 def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
     """Procedural photographs-in-miniature (gradients, shapes, noise) encoded as JPEG.
 

@@ -11,6 +11,8 @@ import re
 import numpy as np
 import torch
 
+from levit_deploy.checkpoints import randomize_
+
 EPS = 1e-5
 VARIANT_SHAPES = {
     "levit_128s": ([128, 256, 384], 16, [4, 6, 8], [2, 3, 4]),
@@ -30,22 +32,7 @@ def hf_model(variant: str, seed: int = 0, num_classes: int = 1000, distilled: bo
                       num_labels=num_classes, drop_path_rate=0)
     cls = LevitForImageClassificationWithTeacher if distilled else LevitForImageClassification
     model = cls(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 2)
-            elif name.endswith("batch_norm.weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.25)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=gen) * 1.5 + 0.5)
+    randomize_(model, seed)  # by module type, so it randomises HF's modules as it does ours
     model.train()
     model.eval()  # clears HF's per-device bias cache
     return model
@@ -70,15 +57,23 @@ def _depths(sd: dict) -> list[int]:
     return depths
 
 
-def to_timm(sd: dict[str, torch.Tensor], conv_mode: bool = False) -> dict[str, torch.Tensor]:
-    depths = _depths(sd)
+def _stem(sd: dict[str, torch.Tensor], name) -> dict[str, torch.Tensor]:
+    """Stem tensors renamed by name(layer 1..4, is_conv, suffix)."""
     out = {}
     for k, v in sd.items():
-        k2 = k.replace("batch_norm", "bn")
-        m = re.match(r"levit\.patch_embeddings\.embedding_layer_(\d)\.(convolution|bn)\.(.+)", k2)
+        m = re.match(r"levit\.patch_embeddings\.embedding_layer_(\d)\.(convolution|batch_norm)\.(.+)", k)
         if m:
-            out[f"stem.conv{m.group(1)}.{'linear' if m.group(2) == 'convolution' else 'bn'}.{m.group(3)}"] = v
+            out[name(int(m.group(1)), m.group(2) == "convolution", m.group(3))] = v
+    return out
+
+
+def to_timm(sd: dict[str, torch.Tensor], conv_mode: bool = False) -> dict[str, torch.Tensor]:
+    depths = _depths(sd)
+    out = _stem(sd, lambda i, conv, rest: f"stem.conv{i}.{'linear' if conv else 'bn'}.{rest}")
+    for k, v in sd.items():
+        if k.startswith("levit.patch_embeddings."):
             continue
+        k2 = k.replace("batch_norm", "bn")
         m = re.match(r"levit\.encoder\.stages\.(\d)\.layers\.(\d+)\.(.+)", k2)
         if m:
             s, layer, rest = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -118,12 +113,7 @@ def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official facebookresearch key names, with the int64 attention_bias_idxs the .pth files carry."""
     depths = _depths(sd)
     res = [14, 7, 4]
-    out = {}
-    for k, v in sd.items():
-        k2 = k.replace("batch_norm", "bn")
-        m = re.match(r"levit\.patch_embeddings\.embedding_layer_(\d)\.(convolution|bn)\.(.+)", k2)
-        if m:
-            out[f"patch_embed.{2 * (int(m.group(1)) - 1)}.{'c' if m.group(2) == 'convolution' else 'bn'}.{m.group(3)}"] = v
+    out = _stem(sd, lambda i, conv, rest: f"patch_embed.{2 * (i - 1)}.{'c' if conv else 'bn'}.{rest}")
     j = 0
     for s in range(3):
         n_layers = 2 * depths[s] + (2 if s < 2 else 0)
@@ -152,23 +142,22 @@ def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _bn_scale_shift(sd: dict[str, torch.Tensor], bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = sd[f"{bn}.weight"].double() / torch.sqrt(sd[f"{bn}.running_var"].double() + EPS)
+    return scale, sd[f"{bn}.bias"].double() - sd[f"{bn}.running_mean"].double() * scale
+
+
 def fuse_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What facebookresearch utils.replace_batchnorm leaves: conv/linear with bias, heads as one Linear."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(("attention_biases", "attention_bias_idxs")):
-            out[k] = v
-    prefixes = {k[: -len(".c.weight")] for k in sd if k.endswith(".c.weight")}
-    for p in prefixes:
+    out = {k: v for k, v in sd.items() if k.endswith(("attention_biases", "attention_bias_idxs"))}
+    for p in {k[: -len(".c.weight")] for k in sd if k.endswith(".c.weight")}:
         w = sd[f"{p}.c.weight"].double()
-        scale = sd[f"{p}.bn.weight"].double() / torch.sqrt(sd[f"{p}.bn.running_var"].double() + EPS)
-        shift = sd[f"{p}.bn.bias"].double() - sd[f"{p}.bn.running_mean"].double() * scale
+        scale, shift = _bn_scale_shift(sd, f"{p}.bn")
         out[f"{p}.weight"] = (w * scale.view(-1, *([1] * (w.dim() - 1)))).float()
         out[f"{p}.bias"] = shift.float()
     for head in ("head", "head_dist"):
         if f"{head}.l.weight" in sd:
-            scale = sd[f"{head}.bn.weight"].double() / torch.sqrt(sd[f"{head}.bn.running_var"].double() + EPS)
-            shift = sd[f"{head}.bn.bias"].double() - sd[f"{head}.bn.running_mean"].double() * scale
+            scale, shift = _bn_scale_shift(sd, f"{head}.bn")
             w, b = sd[f"{head}.l.weight"].double(), sd[f"{head}.l.bias"].double()
             out[f"{head}.weight"] = (w * scale[None]).float()
             out[f"{head}.bias"] = (b + w @ shift).float()

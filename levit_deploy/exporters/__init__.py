@@ -8,6 +8,7 @@ A failed or interrupted export therefore never leaves something that looks like 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
 import os
 import shutil
@@ -19,7 +20,9 @@ import numpy as np
 
 from .. import __version__
 from ..fuse import fuse_checked
-from ..manifest import MANIFEST_NAME, fingerprint, package_versions, sha256_file, write_json_atomic
+from ..checkpoints import cache_dir
+from ..manifest import (FORMAT_VERSION, MANIFEST_NAME, ManifestError, fingerprint, is_artifact, package_versions,
+                        read_manifest, sha256_file, verify_artifact, write_json_atomic)
 from ..models import Levit, count_flops, count_parameters
 from ..parity import ParityReport, compare, reference_outputs
 from ..preprocess import parity_inputs, spec_for_layout
@@ -181,12 +184,28 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 
+def cached_export(model: Levit, to: str, precision: str = "fp32") -> Path:
+    """Folder of a parity-checked artifact for ``model``: exported once into the cache, then reused."""
+    info = model.load_info
+    source = info.sha256 or f"{info.variant}-seed{info.seed}"
+    key = hashlib.sha256(f"{source}|{to}|{precision}|{__version__}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{to}-{precision}"
+    if is_artifact(folder):
+        try:
+            verify_artifact(read_manifest(folder)[0], folder)
+            return folder
+        except ManifestError:
+            pass  # a damaged cache entry is exported again
+    export(model, to, folder, precision=precision)
+    return folder
+
+
 def _manifest(model: Levit, to: str, opts: ExportOptions, staged: StagedArtifact, files: dict[str, str],
               size: int, fusion_reports: list[ParityReport], spec, parity: dict) -> dict:
     info = getattr(model, "load_info", None)
     cfg = model.config
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tool": {"name": "levit-deploy", "version": __version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "artifact": {"format": to, "file": staged.file, "runtime": staged.runtime, "files": files,

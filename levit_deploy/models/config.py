@@ -5,11 +5,10 @@ a variant by comparing tensor shapes with what a config predicts.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 IMG_SIZE = 224
-PATCH_STRIDE = 16  # four stride-2 convolutions
-RESOLUTION = IMG_SIZE // PATCH_STRIDE  # 14 tokens per side after the stem
+PATCH_STRIDE = 16  # four stride-2 convolutions: 224 px -> 14x14 tokens
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,6 @@ class LevitConfig:
     down_attn_ratio: int = 4
     down_mlp_ratio: int = 2
     img_size: int = IMG_SIZE
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def down_heads(self) -> tuple[int, int]:
@@ -55,9 +53,7 @@ class LevitConfig:
         return LevitConfig(**values)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 VARIANTS: dict[str, LevitConfig] = {

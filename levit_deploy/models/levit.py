@@ -160,7 +160,6 @@ class AttentionSubsample(nn.Module):
         self.val_dim = attn_ratio * key_dim
         self.resolution = resolution
         self.stride = stride
-        self.resolution_out = (resolution - 1) // stride + 1
         self.scale = key_dim ** -0.5
         self.kv = LinearNorm(in_dim, num_heads * (key_dim + self.val_dim))
         self.q = LinearNorm(in_dim, num_heads * key_dim)

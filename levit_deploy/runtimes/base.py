@@ -9,7 +9,7 @@ import numpy as np
 
 # extra to install for each optional package
 EXTRAS = {"onnxruntime": "onnx", "onnx": "onnx", "onnxsim": "onnx", "onnxscript": "onnx",
-          "openvino": "openvino", "coremltools": "coreml", "tensorrt": "tensorrt", "cuda": "tensorrt",
+          "openvino": "openvino", "coremltools": "coreml", "tensorrt": "tensorrt",
           "matplotlib": "plot"}
 
 

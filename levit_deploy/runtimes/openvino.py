@@ -6,11 +6,20 @@ precision that actually ran (read back from the compiled model) sets the parity 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .base import Runtime, require
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+@lru_cache(maxsize=1)
+def shared_core():
+    """One ov.Core per process: creating many crashes OpenVINO (a segfault after a few dozen, seen in
+    this test suite and in ultralytics/ultralytics#25864)."""
+    return require("openvino", "the 'openvino' runtime").Core()
 
 
 class OpenVinoRuntime(Runtime):
@@ -21,7 +30,6 @@ class OpenVinoRuntime(Runtime):
         ov = require("openvino", "the 'openvino' runtime")
         self.ov = ov
         self.path = str(path)
-        self.core = ov.Core()
         ov_device = {"cpu": "CPU", "gpu": "GPU"}.get(device, device.upper())
         compute = inference_precision or "fp32"
         if compute not in HINTS:
@@ -30,7 +38,7 @@ class OpenVinoRuntime(Runtime):
                   "NUM_STREAMS": 1}
         if threads is not None and ov_device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = self.core.compile_model(self.path, ov_device, config)
+        self.compiled = shared_core().compile_model(self.path, ov_device, config)
         self.request = self.compiled.create_infer_request()
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         names = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
