@@ -205,6 +205,18 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, monkeypatch):
     assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()
 
 
+def test_artifact_cache_is_keyed_by_the_weights():
+    import torch
+
+    from levit_deploy.exporters import cached_export
+    a = ld.load("levit_128s", init="random")
+    b = ld.load("levit_128s", init="random")
+    with torch.no_grad():
+        b.head.linear.bias[0] += 1.0  # same variant and seed label, different weights
+    assert cached_export(a, "onnx") != cached_export(b, "onnx")
+    assert cached_export(a, "onnx") == cached_export(ld.load("levit_128s", init="random"), "onnx")
+
+
 def test_offline_default_model_says_what_to_do(tmp_path, monkeypatch):
     from levit_deploy import checkpoints
     monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", "http://127.0.0.1:9/LeViT-128S-96703c44.pth")

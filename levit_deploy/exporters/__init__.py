@@ -184,11 +184,19 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 
+def weights_digest(model: Levit) -> str:
+    """sha256 of the model's tensors: the cache key must name the weights, not where they came from
+    (a random-init seed names different weights whenever the initialisation changes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cached_export(model: Levit, to: str, precision: str = "fp32") -> Path:
     """Folder of a parity-checked artifact for ``model``: exported once into the cache, then reused."""
-    info = model.load_info
-    source = info.sha256 or f"{info.variant}-seed{info.seed}"
-    key = hashlib.sha256(f"{source}|{to}|{precision}|{__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{weights_digest(model)}|{to}|{precision}|{__version__}".encode()).hexdigest()[:12]
     folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{to}-{precision}"
     if is_artifact(folder):
         try:
