@@ -202,13 +202,16 @@ def _torch_program(model, folder: Path) -> Path:
 
 def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str = "pretrained", threads: int = 1,
                 batch: int = 16, duration: float = 10.0, fast_math: bool = False, runtimes=("ort",),
-                status: Callable[[str], None] = print) -> dict:
-    """Parity (and, natively, timing) of LeViT on aarch64 for each target; one document."""
+                status: Callable[[str], None] = print, images=()) -> dict:
+    """Parity (and, natively, timing) of LeViT on aarch64 for each target; one document.
+
+    One reference set per model serves the export (when the cache has no artifact yet) and the
+    aarch64 comparison alike.
+    """
     from .checkpoints import load, load_artifact_source
     from .exporters import cached_export
     from .manifest import is_artifact, read_manifest
-    from .parity import compare_outputs, reference_outputs
-    from .preprocess import parity_inputs, spec_for_layout
+    from .parity import build_reference_set, compare_outputs
 
     if arch not in ("arm64", "aarch64"):
         raise Arm64Error(f"--arch {arch!r} is not supported; the ARM target is arm64")
@@ -233,19 +236,23 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
                 raise Arm64Error(f"{path}: a {manifest['artifact']['format']} artifact; --arch arm64 runs ONNX "
                                  f"artifacts in onnxruntime")
             model, folder = load_artifact_source(path), path
+            reference = build_reference_set(model, images=images)
         else:
             model = load(target, weights=weights, init=init)
+            reference = build_reference_set(model, images=images)
             status(f"{model.config.name}: exporting (or reusing the cached ONNX artifact) …")
-            folder = cached_export(model, "onnx")
-        inputs, kind = parity_inputs(8, 8, seed=0, spec=spec_for_layout(model.load_info.layout))
-        ref = reference_outputs(model, inputs)
+            folder = cached_export(model, "onnx", reference=reference)
         for runtime in runtimes:
             presets = Presets(threads, fast_math, runtime)
             model_file = folder / "model.onnx" if runtime == "ort" else _torch_program(model, folder)
             mode = "native" if native else "emulated (qemu-user)"
             status(f"{model.config.name}: running on aarch64, {mode}, {runtime} …")
-            logits, report = run_worker(model_file, inputs, presets, emulator, duration if native else 0.0, batch)
-            parity = compare_outputs(ref, logits, presets.parity_precision, stage=f"aarch64 {runtime}", inputs=kind)
+            logits, report = run_worker(model_file, reference.inputs, presets, emulator,
+                                        duration if native else 0.0, batch)
+            precision = presets.parity_precision
+            parity = compare_outputs(reference.outputs, logits, precision, f"aarch64 {runtime}",
+                                     reference.floors(precision), reference.kinds, reference.names,
+                                     reference.describe())
             cpu = report["cpu"]
             if not native:
                 cpu["model"] = f"qemu-user aarch64 on {cpu_info()['model']}"
@@ -262,14 +269,18 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
 def format_arm64(doc: dict) -> str:
     mode = "native" if doc["native"] else f"emulated ({doc['emulator']['qemu']}, onnxruntime {doc['emulator']['onnxruntime']})"
     lines = [f"arm64, {mode}",
-             f"{'model':11} {'runtime':7} {'prec':5} {'max|Δ|':>9} {'×s':>8} {'top-1':>6} {'parity':6} "
+             f"{'model':11} {'runtime':7} {'prec':5} {'e/bound':>8} {'max e/s':>8} {'top-1':>6} {'parity':6} "
              f"{'img/s':>7} {'p50 ms':>7}  cpu / features"]
     for r in doc["runs"]:
         p, t = r["parity"], r["timing"]
         speed = f"{t['images_per_s']:7.1f} {t['p50_ms']:7.1f}" if t else f"{'—':>7} {'—':>7}"
-        lines.append(f"{r['model']:11} {r['runtime']:7} {p['precision']:5} {p['max_abs']:9.2e} "
-                     f"{p['min_rel_tolerance']:8.1e} {p['top1_agreement']:6.0%} {'PASS' if p['passed'] else 'FAIL':6} "
+        lines.append(f"{r['model']:11} {r['runtime']:7} {p['precision']:5} {p['worst_margin']:8.2g} "
+                     f"{p['max_e_over_s']:8.1e} {p['top1_agreement']:6.0%} {'PASS' if p['passed'] else 'FAIL':6} "
                      f"{speed}  {r['cpu']['model']} [{', '.join(r['cpu']['features'])}]")
+        kinds = ", ".join(f"{k['kind']} {k['n'] - k['failed']}/{k['n']} (e/s ≤ {k['max_e_over_s']:.1e}, floor/s ≤ "
+                          f"{k['max_floor_over_s']:.1e}, tol/floor {k['decided_by_tolerance']}/{k['decided_by_floor']})"
+                          for k in p["kinds"])
+        lines.append(f"{'':11} inputs: {kinds}")
     if any(r["emulated"] for r in doc["runs"]):
         lines.append("emulated: true — parity is real (aarch64 code paths of onnxruntime), timings are not taken")
     return "\n".join(lines)

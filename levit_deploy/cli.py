@@ -43,9 +43,14 @@ def status(message: str) -> None:
 
 
 def run_guarded(as_json: bool, fn, *args, **kwargs):
-    """Call into the library; known errors become one line and exit code 2."""
+    """Call into the library; a failed gate becomes one line and exit 1, known errors one line and exit 2."""
+    from .exporters import ExportParityError
+    from .fuse import FusionError
+
     try:
         return fn(*args, **kwargs)
+    except (FusionError, ExportParityError) as e:
+        fail(str(e), as_json, EXIT_FAILED)
     except _expected_errors() as e:
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         fail(text, as_json)
@@ -67,6 +72,8 @@ WEIGHTS_HELP = "Checkpoint for a variant name: official .pth, timm or Hugging Fa
 INIT_HELP = ("For a variant name without --weights: 'pretrained' downloads the official release "
              "(cached, sha256-checked); 'random' uses seeded random weights (offline demos and tests).")
 JSON_HELP = "Print one JSON document on stdout instead of a table."
+IMAGES_HELP = ("A folder of your own images, added to the parity inputs as their own kind (the bundled "
+               "photos, noise and synthetic JPEGs are always used).")
 
 
 @app.command()
@@ -111,6 +118,7 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
            min_target: str = typer.Option("macOS13", help="CoreML minimum deployment target (macOS13, iOS16, ...)."),
            max_batch: int = typer.Option(256, help="TensorRT: largest batch of the optimisation profile."),
            opt_batch: int = typer.Option(64, help="TensorRT: batch the engine is tuned for."),
+           images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Fuse a model, export it, and keep the artifact only if it passes the parity gate."""
     from .exporters import export as do_export
@@ -126,14 +134,16 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
         extra = {"max_batch": max_batch, "opt_batch": opt_batch}
     status(f"fusing, exporting to {to} ({precision}), checking parity …")
     from .exporters import ExportParityError
+    from .fuse import FusionError
     try:
         artifact = do_export(ref, to, out, precision=precision, batch=batch, opset=opset, simplify=simplify,
-                             img_size=img_size, **extra)
-    except ExportParityError as e:
+                             img_size=img_size, images=[images] if images else (), **extra)
+    except (ExportParityError, FusionError) as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_FAILED)
+        else:
+            print(format_kinds(e.report), file=sys.stderr)
+        fail(str(e), as_json=False, code=EXIT_FAILED)
     except _expected_errors() as e:
         fail(str(e), as_json)
     m = artifact.manifest
@@ -143,15 +153,19 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     print(f"artifact    {artifact.path}  ({m['artifact']['size_bytes'] / 1e6:.1f} MB)")
     print(f"manifest    {artifact.folder / 'manifest.json'}")
     for step in m["fusion"]:
-        print(f"fusion      {step['step']}: max|Δ| {step['max_abs']:.2g} ({step['rel']:.1e}·s) ok")
+        print(f"fusion      {step['step']}: worst e/bound {step['worst_margin']:.2g}, max e/s "
+              f"{step['max_e_over_s']:.1e} ok")
     p = m["parity"]
     if p["status"] == "pending":
         print(f"parity      pending: {p['reason']}")
     else:
-        print(f"parity      {p['status'].upper()} [{p['precision']}] max|Δ| {p['max_abs']:.3g} "
-              f"({p['min_rel_tolerance']:.1e}·s), cosine {p['min_cosine']:.6f}, top-1 {p['top1_agreement']:.0%}, "
-              f"on {p['inputs']}")
-    for note in m["export"]["notes"]:
+        from .parity import ParityReport
+        report = ParityReport.from_dict(p)
+        print(f"parity      {p['status'].upper()} [{p['precision']}] on {p['inputs']}: worst e/bound "
+              f"{report.worst_margin:.2g} (<= 1 passes), max e/s {report.max_e_over_s:.1e}, cosine ≥ "
+              f"{report.min_cosine:.6f}, top-1 {report.top1_agreement:.0%}")
+        print(format_kinds(report, indent="            "))
+    for note in m["export"]["notes"] + m["parity"].get("notes", []):
         print(f"note        {note}")
 
 
@@ -160,35 +174,63 @@ def parity(model: str = typer.Argument(..., help=MODEL_HELP + " Or an artifact f
            weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
            init: str = typer.Option("pretrained", help=INIT_HELP),
            artifact: List[Path] = typer.Option([], help="Artifact file or folder to add to the chain (repeatable)."),
-           images: Optional[Path] = typer.Option(None, help="Folder of real images to use as inputs too."),
-           samples: int = typer.Option(16, help="Number of generated inputs (half random tensors, half synthetic JPEGs)."),
+           images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+           noise: int = typer.Option(4, help="Seeded N(0,1) tensors among the inputs (an input kind of its own)."),
+           synthetic: int = typer.Option(4, help="Procedural JPEGs among the inputs (an input kind of its own)."),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Check the chain reference fp64 -> reference fp32 -> each fusion step -> each artifact."""
+    """Check the chain reference fp64 -> reference fp32 -> each fusion step -> each artifact.
+
+    Every stage is judged input by input: its error e must stay within max(tol·s, 4·floor), where the
+    floor is the original model's own error in that precision on that input (see README, Parity).
+    """
     from .parity_chain import run_chain
 
     reports = run_guarded(as_json, run_chain, model, weights=weights, init=init, artifacts=artifact,
-                          images=images, samples=samples)
+                          images=images, noise=noise, synthetic=synthetic)
     ok = all(r.passed for r in reports)
     if as_json:
         print(json.dumps({"ok": ok, "chain": [r.to_dict() for r in reports]}, indent=2))
     else:
         print(format_parity_table(reports))
+        for r in reports[-1:] if len(reports) > 1 else reports:
+            print(f"\n{r.stage} [{r.precision}], per input kind:")
+            print(format_kinds(r))
+            for note in r.notes:
+                print(f"note: {note}")
     if not ok:
         raise typer.Exit(EXIT_FAILED)
 
 
-def format_parity_table(reports) -> str:
-    rows = [("stage", "prec", "max|Δ|", "×s", "mean|Δ|", "p99|Δ|", "cos min", "top-1", "top-5", "result")]
-    for r in reports:
-        rows.append((r.stage, r.precision, f"{r.max_abs:.2e}", f"{r.min_rel_tolerance:.1e}", f"{r.mean_abs:.1e}",
-                     f"{r.p99_abs:.1e}", f"{r.min_cosine:.6f}", f"{r.top1_agreement:.0%}", f"{r.top5_overlap:.0%}",
-                     "PASS" if r.passed else "FAIL " + "; ".join(r.failures)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    if reports:
-        lines.append(f"inputs: {reports[0].inputs}; s = max|reference| = {reports[0].ref_scale:.3g}")
+def _table(rows: list[tuple], indent: str = "") -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, indent + "-" * (len(lines[0]) - len(indent)))
     return "\n".join(lines)
+
+
+def format_parity_table(reports) -> str:
+    """One row per stage: the worst input's e/bound (<= 1 passes) and what bounded it."""
+    rows = [("stage", "prec", "worst e/bound", "max e/s", "bound: tol/floor", "cos min", "top-1", "result")]
+    for r in reports:
+        tol = sum(k.decided_by_tolerance for k in r.kinds if k.gating)
+        floor = sum(k.decided_by_floor for k in r.kinds if k.gating)
+        rows.append((r.stage, r.precision, f"{r.worst_margin:.2g}", f"{r.max_e_over_s:.1e}", f"{tol}/{floor}",
+                     f"{r.min_cosine:.6f}", f"{r.top1_agreement:.0%}",
+                     "PASS" if r.passed else "FAIL " + "; ".join(r.failures[:2])))
+    text = _table(rows)
+    if reports:
+        text += f"\ninputs: {reports[0].inputs}"
+    return text
+
+
+def format_kinds(report, indent: str = "") -> str:
+    """Per input kind: the largest s, e/s and floor/s, which bound decided, the worst e/bound, the verdict."""
+    rows = [("kind", "n", "max s", "max e/s", "max floor/s", "bound: tol/floor", "worst e/bound", "result")]
+    for k in report.kinds:
+        verdict = "not judged" if not k.gating else "PASS" if not k.failed else f"FAIL ({k.failed})"
+        rows.append((k.kind, k.n, f"{k.max_s:.3g}", f"{k.max_e_over_s:.1e}", f"{k.max_floor_over_s:.1e}",
+                     f"{k.decided_by_tolerance}/{k.decided_by_floor}", f"{k.worst_margin:.2g}", verdict))
+    return _table(rows, indent)
 
 
 def installed_runtimes() -> list[str]:
@@ -223,6 +265,7 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
           fast_math: bool = typer.Option(False, "--bf16-fast-math", help="arm64: opt into bf16 fast-math GEMM "
                                                                              "(parity then uses the bf16 tolerance)."),
           plot: Optional[Path] = typer.Option(None, help="Write the --sweep curve to this PNG (needs matplotlib)."),
+          images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Time LeViT side by side with the paper's protocol (1 thread, batch 16 on CPU)."""
     from . import bench as b
@@ -233,7 +276,7 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
 
         doc = run_guarded(as_json, bench_arm64, targets or ["levit_128s"], arch=arch, weights=weights, init=init,
                           threads=threads, batch=batch, duration=duration, fast_math=fast_math,
-                          runtimes=runtime or ["ort"], status=status)
+                          runtimes=runtime or ["ort"], status=status, images=[images] if images else ())
         if as_json:
             print(json.dumps(doc, indent=2, default=str))
         else:
@@ -256,10 +299,12 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
         if device.startswith("cuda"):
             protocol.batch = run_guarded(as_json, b.largest_cuda_batch, model)
             status(f"largest power-of-two batch that fits: {protocol.batch}")
-        cases = b.build_cases(model, runtimes, protocol, artifacts=artifacts)
+        from .parity import build_reference_set
+        reference = run_guarded(as_json, build_reference_set, model, images=[images] if images else ())
+        cases = b.build_cases(model, runtimes, protocol, artifacts=artifacts, reference=reference)
         status(f"{model.config.name}: {len(cases)} cases, {protocol.threads} thread(s), batch {protocol.batch}, "
                f"{protocol.duration_s:g}s each (Ctrl-C stops and prints what was measured)")
-        results, interrupted = b.run_cases(cases, model, protocol)
+        results, interrupted = b.run_cases(cases, reference, protocol)
         if sweep_batches and not interrupted:
             sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
             for case, result in zip(cases, results):
@@ -315,11 +360,13 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
                                                                 "[default: the checkpoint's own, from the manifest]."),
             max_pixels: int = typer.Option(64_000_000, help="Refuse larger images (decompression-bomb guard)."),
             csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one CSV row per input here."),
+            images: Optional[Path] = typer.Option(None, help=IMAGES_HELP + " Used by the first export only."),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Classify images: top-k ImageNet classes per image; bad files get an error and the rest go on."""
     import csv
 
-    from .predict import Predictor, expand_inputs
+    from .predict import Predictor
+    from .preprocess import expand_inputs
 
     quiet_exporters()
     if preprocess is not None and preprocess not in ("official", "hf", "timm"):
@@ -327,7 +374,8 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
     csv_file = run_guarded(as_json, open, csv_path, "w", newline="") if csv_path else None
     status(f"opening {model} …")
     predictor = run_guarded(as_json, Predictor, model, weights=weights, init=init, runtime=runtime,
-                            threads=threads, labels=labels, preprocess=preprocess)
+                            threads=threads, labels=labels, preprocess=preprocess,
+                            images=[images] if images else ())
     records, failed = [], 0
     writer = None
     try:

@@ -9,17 +9,16 @@ import copy
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from .models.deploy import DeployHead, DeployLevit, DeployMlp, Residual
 from .models.levit import Attention, AttentionSubsample, ConvNorm, Levit, LinearNorm, NormLinear, as_linear
-from .parity import ParityReport, compare, random_inputs, reference_outputs
+from .parity import ParityReport, ReferenceSet, build_reference_set, compare
 
 
 class FusionError(RuntimeError):
-    """A fusion step changed the model's output beyond the fp32 tolerance."""
+    """A fusion step changed the model's output beyond what the parity rule allows in fp32."""
 
     def __init__(self, report: ParityReport):
         super().__init__(f"fusion step '{report.stage}' broke parity: {report.summary()}")
@@ -85,34 +84,31 @@ class FusionResult:
     reports: list[ParityReport]
 
 
-def fuse_checked(model: Levit, inputs: np.ndarray | None = None, check: bool = True,
-                 reference: np.ndarray | None = None) -> FusionResult:
-    """Fuse a copy of ``model`` step by step; with ``check``, compare each step with the fp64 reference.
+def fuse_checked(model: Levit, reference: ReferenceSet | None = None, check: bool = True) -> FusionResult:
+    """Fuse a copy of ``model`` step by step; with ``check``, judge each step against ``reference``.
 
-    ``reference``: the model's float64 outputs on ``inputs`` if already computed. Raises FusionError
-    at the first step that breaks the fp32 tolerance.
+    ``reference``: the model's reference set (built from the default parity inputs when None). Each
+    step is held to the fp32 parity rule; raises FusionError at the first step that breaks it.
     """
     if not isinstance(model, Levit):
         raise TypeError(f"fuse() takes the reference Levit, got {type(model).__name__}")
     work = copy.deepcopy(model).float().cpu().eval()
-    inputs = random_inputs(4, seed=1234) if inputs is None else inputs
-    ref = None
-    if check:
-        ref = reference if reference is not None else reference_outputs(model, inputs)
+    if check and reference is None:
+        reference = build_reference_set(model)
     reports: list[ParityReport] = []
-    for name, step in STEPS:
-        step(work)
+
+    def checked(candidate: nn.Module, stage: str) -> None:
         if check:
-            report = compare(ref, work, inputs, "fp32", stage=name, input_kind=f"{len(inputs)} random tensors")
+            report = compare(reference, candidate, "fp32", stage=stage)
             reports.append(report)
             if not report.passed:
                 raise FusionError(report)
+
+    for name, step in STEPS:
+        step(work)
+        checked(work, name)
     deploy = _assemble(work).eval()
-    if check:
-        report = compare(ref, deploy, inputs, "fp32", stage="DeployLevit", input_kind=f"{len(inputs)} random tensors")
-        reports.append(report)
-        if not report.passed:
-            raise FusionError(report)
+    checked(deploy, "DeployLevit")
     _verify_clean(deploy)
     return FusionResult(deploy, reports)
 

@@ -6,7 +6,6 @@ into the cache (with the parity gate) and reused on later runs.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,10 +15,9 @@ import numpy as np
 from .checkpoints import load
 from .labels import load_labels
 from .manifest import is_artifact, read_manifest
-from .preprocess import DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image, spec_for_layout, transform
+from .preprocess import (DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image,
+                         spec_for_model, transform)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-                  ".jfif", ".ico", ".tga"}
 RUNTIME_FORMATS = {"ort": "onnx", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coreml"}
 
 
@@ -34,28 +32,16 @@ class Prediction:
         return asdict(self)
 
 
-def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files named explicitly, and image files (by suffix) under folders, in sorted order."""
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        yield Path(root) / name
-        else:
-            yield p  # a missing or unreadable path becomes an error record downstream
-
-
 class Predictor:
     """A runtime plus the preprocessing and labels that belong to it."""
 
     def __init__(self, model: str = "levit_128s", weights=None, init: str = "pretrained", runtime: str | None = None,
                  threads: int | None = None, labels: str | Path | None = None, preprocess: str | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", images=()):
+        """``images``: a folder of the user's photos added to the parity inputs of the first export."""
         from .exporters import cached_export
-        from .fuse import fuse
+        from .fuse import fuse_checked
+        from .parity import build_reference_set
         from .runtimes import open_runtime
 
         path = Path(model)
@@ -67,13 +53,15 @@ class Predictor:
             self.description = f"{manifest['model']['variant']} artifact {path}"
         else:
             ref = load(model, weights=weights, init=init)
-            spec = spec_for_layout(ref.load_info.layout)
+            spec = spec_for_model(ref)
             num_classes = ref.config.num_classes
             runtime = runtime or "ort"
             if runtime == "torch":
-                self.runtime = open_runtime(fuse(ref), "torch", device, threads)
+                deploy = fuse_checked(ref, build_reference_set(ref, spec, images=images)).model
+                self.runtime = open_runtime(deploy, "torch", device, threads)
             elif runtime in RUNTIME_FORMATS:
-                self.runtime = open_runtime(cached_export(ref, RUNTIME_FORMATS[runtime]), runtime, device, threads)
+                folder = cached_export(ref, RUNTIME_FORMATS[runtime], images=images)
+                self.runtime = open_runtime(folder, runtime, device, threads)
             else:
                 raise ValueError(f"unknown runtime {runtime!r}; choose torch, ort, openvino, tensorrt or coreml")
             self.description = f"{ref.config.name} ({ref.load_info.source}) on {runtime}"

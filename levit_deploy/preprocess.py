@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
@@ -19,6 +21,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000x8000
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+                  ".jfif", ".ico", ".tga"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,12 @@ SPECS = {
 def spec_for_layout(layout: str) -> PreprocessSpec:
     """The eval transform matching where the weights came from (random init: the paper's)."""
     return SPECS.get("official" if layout.startswith("official") else layout, SPECS["official"])
+
+
+def spec_for_model(model) -> PreprocessSpec:
+    """The eval transform of a loaded model (from its ``load_info``), the paper's if it has none."""
+    info = getattr(model, "load_info", None)
+    return spec_for_layout(info.layout if info else "none")
 
 
 class ImageError(Exception):
@@ -188,17 +198,59 @@ def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def parity_inputs(n_random: int = 8, n_images: int = 8, seed: int = 0,
-                  spec: PreprocessSpec | None = None) -> tuple[np.ndarray, str]:
-    """Seeded random tensors plus decoded synthetic JPEGs, and a sentence saying which."""
+def bundled_photos() -> list[Path]:
+    """The real photographs shipped with the package (public domain / CC0; see data/photos/SOURCES.md)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("levit_deploy").joinpath("data/photos")))
+    return sorted(folder.glob("*.jpg"))
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files named explicitly, and image files (by suffix) under folders, in sorted order."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        yield Path(root) / name
+        else:
+            yield p  # a missing or unreadable path becomes an error record downstream
+
+
+def parity_inputs(spec: PreprocessSpec | None = None, photos: bool = True, noise: int = 4, synthetic: int = 4,
+                  images: Iterable[str | Path] = (), seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    """(inputs, names, kinds) for a reference set, every image decoded with ``spec``.
+
+    Kinds: "photos" (the bundled real photographs), "noise" (seeded N(0,1) tensors), "synthetic"
+    (procedural JPEGs) and "user images" (every image file under ``images``; a bad file is an error).
+    """
     from .parity import random_inputs
 
     spec = spec or SPECS["official"]
-    parts, desc = [], []
-    if n_random:
-        parts.append(random_inputs(n_random, seed, spec.crop))
-        desc.append(f"{n_random} seeded N(0,1) tensors (seed {seed})")
-    if n_images:
-        parts.append(np.stack([transform(decode_image(b), spec) for b in synthetic_jpegs(n_images, seed)]))
-        desc.append(f"{n_images} synthetic JPEGs decoded with the {spec.source} transform")
-    return np.concatenate(parts), " + ".join(desc)
+    arrays, names, kinds = [], [], []
+    if photos:
+        for p in bundled_photos():
+            arrays.append(transform(decode_image(p), spec))
+            names.append(p.name)
+            kinds.append("photos")
+    if noise:
+        arrays.extend(random_inputs(noise, seed, spec.crop))
+        names += [f"noise {i}" for i in range(noise)]
+        kinds += ["noise"] * noise
+    for i, data in enumerate(synthetic_jpegs(synthetic, seed) if synthetic else []):
+        arrays.append(transform(decode_image(data), spec))
+        names.append(f"synthetic {i}")
+        kinds.append("synthetic")
+    user = list(expand_inputs(images))
+    for p in user:
+        arrays.append(transform(decode_image(p), spec))
+        names.append(str(p))
+        kinds.append("user images")
+    if images and not user:
+        raise ImageError(f"{', '.join(map(str, images))}: no images found")
+    if not arrays:
+        raise ValueError("no parity inputs: enable photos, noise, synthetic images or pass images")
+    return np.stack(arrays).astype(np.float32), names, kinds

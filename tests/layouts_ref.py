@@ -6,10 +6,13 @@ with levit_deploy's own layout tables, so a mapping mistake in the package canno
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from levit_deploy.checkpoints import randomize_
 
@@ -170,3 +173,31 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
     s = ref.double().abs().max().item()
     assert e <= rel * s, f"max|Δ| {e:.3g} > {rel}·{s:.3g}"
     return e / s
+
+
+def write_layout(folder: Path, sd: dict[str, torch.Tensor], layout: str, fmt: str = "safetensors") -> Path:
+    """Write an HF-named state dict as a real checkpoint of ``layout`` and ``fmt`` into ``folder``.
+
+    layout: official | official_fused | timm | timm_conv | hf; fmt: safetensors | bin (official is .pth).
+    Returns what a user passes: the file, or the folder for Hugging Face.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "hf":
+        hf = folder / "hf"
+        hf.mkdir()
+        (hf / "config.json").write_text(json.dumps({"architectures": ["LevitForImageClassificationWithTeacher"]}))
+        path = hf / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+        target = hf
+    elif layout.startswith("official"):
+        data = to_official(sd) if layout == "official" else fuse_official(to_official(sd))
+        path = folder / f"{layout}.pth"
+        torch.save({"model": data, "epoch": 299}, path)
+        return path
+    else:
+        sd = to_timm(sd, conv_mode=layout == "timm_conv")
+        path = target = folder / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+    return target

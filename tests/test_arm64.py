@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy import arm64
 from levit_deploy.cli import app
-from levit_deploy.parity import compare_outputs, random_inputs, reference_outputs
+from levit_deploy.parity import build_reference_set, compare_outputs
 
 runner = CliRunner()
 
@@ -30,10 +30,11 @@ def test_presets_are_named_and_recorded():
 def test_native_code_path_runs_the_worker_with_the_presets(tmp_path, monkeypatch):
     """The native path (worker in a subprocess with the presets) exercised on this host's CPU."""
     model = ld.load("levit_128s", init="random")
-    art = ld.export(model, "onnx", tmp_path)
-    inputs = random_inputs(4)
+    reference = build_reference_set(model, noise=2, synthetic=0).subset(slice(0, 4))
+    art = ld.export(model, "onnx", tmp_path, reference=reference)
+    inputs = reference.inputs
     logits, report = arm64.run_worker(art.path, inputs, arm64.Presets(threads=1), None, duration=0.3, batch=2)
-    assert compare_outputs(reference_outputs(model, inputs), logits, "fp32").passed
+    assert compare_outputs(reference.outputs, logits, "fp32", floors=reference.floors("fp32")).passed
     assert report["threads"] == 1 and report["timing"]["calls"] >= 5 and report["cpu"]["machine"]
     # the ORT option reaches the session (onnxruntime ignores it off arm64, but it must be passed and recorded)
     _, report = arm64.run_worker(art.path, inputs, arm64.Presets(bf16_fast_math=True), None)
@@ -43,10 +44,11 @@ def test_native_code_path_runs_the_worker_with_the_presets(tmp_path, monkeypatch
 def test_native_torch_program_runs_with_the_environment(tmp_path):
     model = ld.load("levit_128s", init="random")
     program = arm64._torch_program(model, tmp_path)
-    inputs = random_inputs(2)
-    logits, report = arm64.run_worker(program, inputs, arm64.Presets(runtime="torch", bf16_fast_math=True), None)
+    reference = build_reference_set(model, noise=0, synthetic=0).subset(slice(0, 2))
+    logits, report = arm64.run_worker(program, reference.inputs, arm64.Presets(runtime="torch", bf16_fast_math=True),
+                                      None)
     assert report["versions"]["mkldnn_fpmath"] == "BF16"
-    assert compare_outputs(reference_outputs(model, inputs), logits, "bf16").passed
+    assert compare_outputs(reference.outputs, logits, "bf16", floors=reference.floors("bf16")).passed
 
 
 def test_native_bench_document(monkeypatch):
@@ -72,15 +74,14 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or a
 
 
 @needs_qemu
-def test_emulated_arm64_parity_for_levit_128s():
-    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "--runtime", "ort", "--arch", "arm64",
-                                 "--json"])
+def test_emulated_arm64_parity_on_a_trained_like_checkpoint(trained_128s_path):
+    result = runner.invoke(app, ["bench", str(trained_128s_path), "--runtime", "ort", "--arch", "arm64", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     run = doc["runs"][0]
     assert doc["ok"] and not doc["native"] and run["emulated"] is True and run["timing"] is None
-    assert run["parity"]["passed"] and run["parity"]["precision"] == "fp32"
-    assert run["parity"]["max_abs"] <= 1e-4 * run["parity"]["ref_scale"]
+    assert run["parity"]["passed"] and run["parity"]["precision"] == "fp32" and run["parity"]["worst_margin"] <= 1
+    assert {k["kind"] for k in run["parity"]["kinds"]} == {"photos", "noise", "synthetic"}
     assert "asimd" in run["cpu"]["features"] and run["versions"]["onnxruntime"] == "1.24.4"
-    text = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "--arch", "arm64"])
-    assert "emulated: true" in text.output and "PASS" in text.output
+    text = runner.invoke(app, ["bench", str(trained_128s_path), "--arch", "arm64"])
+    assert "emulated: true" in text.output and "PASS" in text.output and "photos 7/7" in text.output

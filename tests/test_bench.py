@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy import bench
 from levit_deploy.cli import app
+from levit_deploy.parity import build_reference_set
 
 runner = CliRunner()
 FAST = ["--duration", "0.6", "--warmup", "0.2"]
@@ -33,13 +34,21 @@ def test_side_by_side_table_and_json():
     assert labels == ["torch unfused (eager)", "torch fused (eager)", "ort plain export (unfused)", "ort levit-deploy"]
     for r in doc["results"]:
         assert r["status"] == "ok" and r["images_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
-        assert r["parity_passed"] and r["parity_max_abs"] < 1e-3 and r["calls"] >= 3
+        assert r["parity_passed"] and r["parity_margin"] <= 1 and r["calls"] >= 3
     assert doc["results"][0]["speedup"] == pytest.approx(1.0)
     assert doc["protocol"]["threads"] == 1 and doc["protocol"]["batch"] == 2
     assert doc["machine"]["cpu"]["model"] and doc["results"][3]["size_mb"] > 1
     assert doc["results"][3]["info"]["threads"] == 1 and doc["results"][3]["info"]["graph_optimization"] == "all"
     text = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "torch", "--batch", "1", *FAST])
     assert "speed-up" in text.output and "✅ ok" in text.output
+
+
+def test_bench_on_a_trained_like_checkpoint(trained_128s_path):
+    result = runner.invoke(app, ["bench", str(trained_128s_path), "-r", "ort", "--batch", "2", *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["label"]: r for r in json.loads(result.stdout)["results"]}
+    assert set(rows) == {"torch unfused (eager)", "ort plain export (unfused)", "ort levit-deploy"}
+    assert all(r["status"] == "ok" and r["parity_passed"] for r in rows.values())
 
 
 def test_sweep_and_plot(tmp_path):
@@ -74,9 +83,9 @@ def test_ctrl_c_keeps_what_was_measured(monkeypatch):
 
         def close(self):
             pass
-    protocol = bench.Protocol(batch=1, warmup_s=0.0, duration_s=60, round_calls=2, parity_samples=2)
+    protocol = bench.Protocol(batch=1, warmup_s=0.0, duration_s=60, round_calls=2)
     cases = [bench.BenchCase("flaky", Flaky, "fake")]
-    results, interrupted = bench.run_cases(cases, model, protocol)
+    results, interrupted = bench.run_cases(cases, None, protocol)
     assert interrupted and results[0].calls > 0 and results[0].images_per_s > 0
 
 
@@ -87,7 +96,8 @@ def test_a_failing_case_does_not_stop_the_others():
         raise RuntimeError("backend exploded")
     cases = [bench.BenchCase("broken", broken, "x"),
              bench.BenchCase("torch", lambda: ld.open_runtime(model, "torch"), "torch")]
-    results, _ = bench.run_cases(cases, model, bench.Protocol(batch=1, warmup_s=0, duration_s=0.3, parity_samples=2))
+    reference = build_reference_set(model, photos=False, noise=2, synthetic=0)
+    results, _ = bench.run_cases(cases, reference, bench.Protocol(batch=1, warmup_s=0, duration_s=0.3))
     assert results[0].status == "error" and "backend exploded" in results[0].error
     assert results[1].status == "ok" and results[1].images_per_s > 0
     assert "backend exploded" in bench.format_table(results)

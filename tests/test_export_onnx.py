@@ -14,49 +14,43 @@ from levit_deploy.checkpoints import build_from_state_dict
 from levit_deploy.cli import app
 from levit_deploy.exporters import ExportError, ExportParityError
 from levit_deploy.manifest import ManifestError, sha256_file
-from levit_deploy.models import VARIANTS
-from levit_deploy.parity import compare, random_inputs, reference_outputs
+from levit_deploy.parity import build_reference_set, compare, random_inputs
 from levit_deploy.runtimes.base import MissingDependency
 
-from layouts_ref import hf_model, hf_state_dict, to_official, to_timm
+from conftest import trained_like_checkpoint, trained_like_hf
+from layouts_ref import hf_state_dict, to_timm
+from variants import LEVIT
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def exported_128s(tmp_path_factory):
-    model = ld.load("levit_128s", init="random", seed=0)
+def exported_128s(tmp_path_factory, trained_128s_path):
+    """A trained-like LeViT-128S (official layout), loaded as a user would, and its ONNX artifact."""
+    model = ld.load(trained_128s_path)
+    reference = build_reference_set(model)
     out = tmp_path_factory.mktemp("onnx128s")
-    return model, ld.export(model, "onnx", out)
+    return model, ld.export(model, "onnx", out, reference=reference), reference
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", LEVIT)
 def test_every_variant_exports_and_matches_in_ort(tmp_path, name):
-    model = build_from_state_dict(hf_state_dict(hf_model(name, seed=2)), "hf")
-    artifact = ld.export(model, "onnx", tmp_path)
+    model = build_from_state_dict(hf_state_dict(trained_like_hf(name)), "hf")
+    reference = build_reference_set(model)
+    artifact = ld.export(model, "onnx", tmp_path, reference=reference)
     p = artifact.manifest["parity"]
-    assert p["status"] == "passed" and p["max_abs"] <= 1e-4 * p["ref_scale"]
-    inputs = random_inputs(32, seed=9)
-    ref = reference_outputs(model, inputs)
+    assert p["status"] == "passed" and p["worst_margin"] <= 1 and p["inputs"] == reference.describe()
+    assert {k["kind"] for k in p["kinds"]} == {"photos", "noise", "synthetic"}
     with ld.open_runtime(tmp_path) as rt:
-        for batch in (1, 7, 32):
-            report = compare(ref[:batch], rt, inputs[:batch], "fp32")
+        for batch in (1, 7, 32):  # dynamic batch: the same rule at every batch size
+            tiled = reference.subset(np.resize(np.arange(len(reference)), batch))
+            report = compare(tiled, rt, "fp32", batch=batch)
             assert report.passed, report.summary()
 
 
 @pytest.mark.parametrize("layout", ["official", "timm", "hf"])
 def test_cli_export_from_each_layout(tmp_path, layout):
-    hf = hf_model("levit_128s", seed=4)
-    sd = hf_state_dict(hf)
-    if layout == "official":
-        path = tmp_path / "ck.pth"
-        torch.save({"model": to_official(sd)}, path)
-    elif layout == "timm":
-        path = tmp_path / "model.safetensors"
-        save_file(to_timm(sd), str(path))
-    else:
-        path = tmp_path / "hf"
-        hf.save_pretrained(path)
+    path = trained_like_checkpoint(tmp_path / "ck", "levit_128s", layout)
     out = tmp_path / "out"
     result = runner.invoke(app, ["export", "levit_128s", "--to", "onnx", "--weights", str(path), "--out", str(out),
                                  "--json"])
@@ -66,14 +60,26 @@ def test_cli_export_from_each_layout(tmp_path, layout):
     assert m["source"]["layout"] == layout and m["source"]["sha256"]
     assert m["preprocessing"]["resize"] == (248 if layout == "timm" else 256)
     assert m["parity"]["status"] == "passed"
-    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    with ld.open_runtime(out) as rt, torch.no_grad():
-        hf_out = hf(pixel_values=torch.from_numpy(x)).logits.numpy()
-        assert np.abs(rt.infer(x) - hf_out).max() <= 1e-4 * np.abs(hf_out).max()
+    loaded = ld.load(path)
+    reference = build_reference_set(loaded)
+    with torch.no_grad():  # the file holds exactly the independent implementation's model
+        x = torch.from_numpy(reference.inputs)
+        assert torch.equal(loaded(x), trained_like_hf("levit_128s")(pixel_values=x).logits)
+    with ld.open_runtime(out) as rt:
+        assert compare(reference, rt, "fp32").passed
+
+
+def test_cli_export_of_the_shared_trained_like_checkpoint(tmp_path, shared_checkpoint):
+    """What a new user runs first, on the project's yardstick: exit 0, per-kind report, no traceback."""
+    result = runner.invoke(app, ["export", str(shared_checkpoint), "--to", "onnx", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "parity      PASSED [fp32] on 7 photos + 4 noise + 4 synthetic" in result.output
+    for kind in ("photos", "noise", "synthetic"):
+        assert any(line.strip().startswith(kind) and line.rstrip().endswith("PASS") for line in result.output.splitlines())
 
 
 def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
-    _, artifact = exported_128s
+    _, artifact, _ = exported_128s
     graph = onnx.load(str(artifact.path)).graph
     ops = {n.op_type for n in graph.node}
     assert "BatchNormalization" not in ops and "Gather" not in ops and "GatherND" not in ops
@@ -90,11 +96,13 @@ def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
     assert m["machine"]["cpu"]["model"] and "isa" in m["machine"]["cpu"]
     assert m["preprocessing"]["channel_order"] == "RGB" and m["preprocessing"]["interpolation"] == "bicubic"
     assert len(m["fusion"]) == 5 and all(step["passed"] for step in m["fusion"])
-    assert m["source"]["seed"] == 0 and m["model"]["params"] == 7_777_058
+    assert m["source"]["layout"] == "official" and m["model"]["params"] == 7_777_058
+    per_input = m["parity"]["per_input"]
+    assert len(per_input) == 15 and {p["decided_by"] for p in per_input} == {"tolerance", "floor"}
 
 
 def test_tampered_artifact_is_refused(exported_128s, tmp_path):
-    _, artifact = exported_128s
+    _, artifact, _ = exported_128s
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in artifact.folder.iterdir():
@@ -109,9 +117,9 @@ def test_tampered_artifact_is_refused(exported_128s, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_128s, tmp_path, monkeypatch):
-    model, good = exported_128s
+    model, good, reference = exported_128s
     out = tmp_path / "out"
-    ld.export(model, "onnx", out)
+    ld.export(model, "onnx", out, reference=reference)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     import levit_deploy.exporters.onnx as onnx_exporter
     real_write = onnx_exporter.write
@@ -123,7 +131,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_1
 
     monkeypatch.setattr(onnx_exporter, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        ld.export(model, "onnx", out)
+        ld.export(model, "onnx", out, reference=reference)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before  # no staging folder left, old artifact and manifest untouched
     with ld.open_runtime(out) as rt:
@@ -164,8 +172,53 @@ def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "model.onnx").exists()
 
 
+def _scaled_copy(artifact, folder, factor: float, initializer: str = "stem.0.weight"):
+    """The artifact with one weight tensor scaled and its manifest re-hashed: what a buggy converter whose
+    output escaped the gate would leave (an older tool version, a hand-edited graph)."""
+    import shutil
+
+    import onnx.numpy_helper as nh
+    shutil.copytree(artifact.folder, folder)
+    proto = onnx.load(str(folder / "model.onnx"))
+    init = next(i for i in proto.graph.initializer if i.name == initializer)
+    init.CopyFrom(nh.from_array((nh.to_array(init).astype(np.float64) * factor).astype(np.float32), initializer))
+    onnx.save(proto, str(folder / "model.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifact"]["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("factor,exit_code", [(1 + 1e-6, 0), (1.001, 1)])
+def test_parity_command_catches_a_scaled_weight_but_not_rounding_noise(exported_128s, tmp_path, factor, exit_code):
+    folder = _scaled_copy(exported_128s[1], tmp_path / "scaled", factor)
+    result = runner.invoke(app, ["parity", str(folder)])
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    last = [line for line in result.output.splitlines() if line.startswith("ort: ")][0]
+    assert last.rstrip().endswith("PASS") == (exit_code == 0)
+
+
+def test_fusion_error_is_one_line_and_exit_1(trained_128s_path, tmp_path, monkeypatch):
+    from levit_deploy.models import levit as levit_mod
+
+    real = levit_mod._bn_scale_shift
+
+    def variance_not_std(bn):  # a plausible folding bug
+        scale, shift = real(bn)
+        return scale * torch.sqrt(bn.running_var.double() + bn.eps), shift
+    monkeypatch.setattr(levit_mod, "_bn_scale_shift", variance_not_std)
+    result = runner.invoke(app, ["export", str(trained_128s_path), "--to", "onnx", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fusion step 'fold BatchNorm into stem convolutions' broke parity" in errors[0]
+    assert not (tmp_path / "o").exists()
+    result = runner.invoke(app, ["parity", str(trained_128s_path)])
+    assert result.exit_code == 1 and "FAIL" in result.output and "Traceback" not in result.output
+
+
 def test_other_image_sizes_and_bad_options_are_refused(exported_128s, tmp_path):
-    model, _ = exported_128s
+    model, _, reference = exported_128s
     with pytest.raises(ExportError, match="224x224 only"):
         ld.export(model, "onnx", tmp_path, img_size=256)
     with pytest.raises(ExportError, match="opset 11 is too old"):
@@ -177,28 +230,29 @@ def test_other_image_sizes_and_bad_options_are_refused(exported_128s, tmp_path):
 
 
 def test_static_batch_and_fp16(exported_128s, tmp_path):
-    model, _ = exported_128s
-    static = ld.export(model, "onnx", tmp_path / "b4", batch=4)
+    model, _, reference = exported_128s
+    static = ld.export(model, "onnx", tmp_path / "b4", batch=4, reference=reference)
     assert static.manifest["input"]["shape"][0] == 4
     with ld.open_runtime(tmp_path / "b4") as rt:
         assert rt.infer(random_inputs(4)).shape == (4, 1000)
-    half = ld.export(model, "onnx", tmp_path / "fp16", precision="fp16")
+    half = ld.export(model, "onnx", tmp_path / "fp16", precision="fp16", reference=reference)
     p = half.manifest["parity"]
-    assert p["precision"] == "fp16" and p["status"] == "passed" and p["min_cosine"] >= 0.999
-    assert p["max_abs"] > 1e-4 * p["ref_scale"]  # really fp16: an error the fp32 tolerance would reject
+    assert p["precision"] == "fp16" and p["status"] == "passed"
+    with ld.open_runtime(half.folder) as rt:  # really fp16: the fp32 rule rejects it
+        assert not compare(reference, rt, "fp32").passed
     graph = onnx.load(str(half.path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
 
 
 def test_legacy_opset_17_export(exported_128s, tmp_path):
-    model, _ = exported_128s
-    art = ld.export(model, "onnx", tmp_path, opset=17)
+    model, _, reference = exported_128s
+    art = ld.export(model, "onnx", tmp_path, opset=17, reference=reference)
     assert art.manifest["artifact"]["opset"] == 17 and art.manifest["parity"]["status"] == "passed"
 
 
 def test_missing_optional_package_gives_one_line_hint(exported_128s, monkeypatch):
-    _, artifact = exported_128s
+    _, artifact, _ = exported_128s
     real_import = builtins.__import__
 
     def no_ort(name, *args, **kwargs):
@@ -224,7 +278,7 @@ def test_core_import_needs_no_optional_backend():
 
 
 def test_cli_parity_chain_includes_the_artifact(exported_128s):
-    _, artifact = exported_128s
+    _, artifact, _ = exported_128s
     result = runner.invoke(app, ["parity", str(artifact.folder), "--json"])
     assert result.exit_code == 0, result.output
     stages = [r["stage"] for r in json.loads(result.stdout)["chain"]]

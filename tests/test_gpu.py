@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import levit_deploy as ld
 from levit_deploy.cli import app
-from levit_deploy.parity import compare, random_inputs, reference_outputs
+from levit_deploy.parity import build_reference_set, compare, random_inputs
 from levit_deploy.runtimes.base import RuntimeUnavailable
 
 runner = CliRunner()
@@ -47,12 +47,11 @@ def test_gpu_requests_without_gpu_are_refused_clearly(model, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("precision,graph", [("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True)])
 def test_torch_runtime_on_cuda(model, precision, graph):
-    inputs = random_inputs(8)
-    ref = reference_outputs(model, inputs)
+    reference = build_reference_set(model)
     with ld.open_runtime(ld.fuse(model), "torch", device="cuda", precision=precision, cuda_graph=graph) as rt:
-        report = compare(ref, rt, inputs, precision if precision != "fp32" else "fp32")
+        report = compare(reference, rt, precision)
         assert report.passed, report.summary()
-        x = torch.from_numpy(inputs).cuda()
+        x = torch.from_numpy(reference.inputs).cuda()
         assert rt.infer(x).is_cuda  # device-resident path used by the benchmark
 
 

@@ -24,8 +24,8 @@ from ..checkpoints import cache_dir
 from ..manifest import (FORMAT_VERSION, MANIFEST_NAME, ManifestError, fingerprint, is_artifact, package_versions,
                         read_manifest, sha256_file, verify_artifact, write_json_atomic)
 from ..models import Levit, count_flops, count_parameters
-from ..parity import ParityReport, compare, reference_outputs
-from ..preprocess import parity_inputs, spec_for_layout
+from ..parity import ParityReport, ReferenceSet, build_reference_set, compare
+from ..preprocess import spec_for_model
 
 EXPORTERS = {
     "onnx": "levit_deploy.exporters.onnx",
@@ -107,32 +107,44 @@ def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
             os.replace(src, dst)
 
 
-def _check_parity(staged: StagedArtifact, staging: Path, opts: ExportOptions, ref: np.ndarray,
-                  inputs: np.ndarray, kind: str) -> ParityReport:
+class _FixedBatch:
+    """A runtime fed in chunks of the artifact's batch size (the last one zero-padded) for the gate."""
+
+    def __init__(self, runtime, batch: int | None):
+        self.runtime, self.batch = runtime, batch
+        self.output_transform = getattr(runtime, "output_transform", None)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.batch is None:
+            return self.runtime.infer(x)
+        outs = []
+        for i in range(0, len(x), self.batch):
+            chunk = x[i:i + self.batch]
+            pad = self.batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.runtime.infer(chunk)[:self.batch - pad])
+        return np.concatenate(outs)
+
+
+def _check_parity(staged: StagedArtifact, staging: Path, opts: ExportOptions, reference: ReferenceSet) -> ParityReport:
     from ..runtimes import runtime_class
 
     options = {"precision": opts.precision, **staged.runtime_options}
     with runtime_class(staged.runtime)(str(staging / staged.file), device="cpu", threads=None, **options) as rt:
         precision = getattr(rt, "precision", opts.precision)
-        batch = len(inputs) if opts.batch == "dynamic" else int(opts.batch)
-
-        def run(x: np.ndarray) -> np.ndarray:
-            outs = []
-            for i in range(0, len(x), batch):
-                chunk = x[i:i + batch]
-                pad = batch - len(chunk)
-                if pad and opts.batch != "dynamic":
-                    chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-                outs.append(rt.infer(chunk)[:len(chunk) - pad if pad else None])
-            return np.concatenate(outs)
-
-        return compare(ref, run, inputs, precision, stage=f"{staged.runtime} artifact", input_kind=kind)
+        fixed = None if opts.batch == "dynamic" else int(opts.batch)
+        return compare(reference, _FixedBatch(rt, fixed), precision, stage=f"{staged.runtime} artifact")
 
 
 def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
            batch: str | int = "dynamic", opset: int = 18, simplify: bool = True, img_size: int | None = None,
-           parity_samples: int = 16, **extra) -> Artifact:
-    """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity."""
+           reference: ReferenceSet | None = None, images=(), **extra) -> Artifact:
+    """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
+
+    ``reference``: the model's reference set, if already built; else the default one (bundled photos,
+    noise and synthetic JPEGs) plus every image under ``images``.
+    """
     if to not in EXPORTERS:
         raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(EXPORTERS)}")
     size = model.config.img_size
@@ -144,14 +156,9 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
         raise ExportError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
     target = importlib.import_module(EXPORTERS[to])
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), opset, simplify, extra)
-    info = getattr(model, "load_info", None)
-    layout = info.layout if info else "none"
-    spec = spec_for_layout(layout)
-    n_img = parity_samples // 2
-    inputs, kind = parity_inputs(parity_samples - n_img, n_img, seed=0, spec=spec)
-
-    reference = reference_outputs(model, inputs)
-    fusion = fuse_checked(model, inputs[:4], reference=reference[:4])
+    spec = spec_for_model(model)
+    reference = reference or build_reference_set(model, spec, images=images)
+    fusion = fuse_checked(model, reference)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,7 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
         if staged.parity_pending:
             parity = {"status": "pending", "reason": staged.parity_pending, "precision": precision}
         else:
-            report = _check_parity(staged, staging, opts, reference, inputs, kind)
+            report = _check_parity(staged, staging, opts, reference)
             parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
             if not report.passed:
                 failed = out_dir / f"parity-failed-{to}.json"
@@ -194,7 +201,8 @@ def weights_digest(model: Levit) -> str:
     return digest.hexdigest()
 
 
-def cached_export(model: Levit, to: str, precision: str = "fp32") -> Path:
+def cached_export(model: Levit, to: str, precision: str = "fp32", reference: ReferenceSet | None = None,
+                  images=()) -> Path:
     """Folder of a parity-checked artifact for ``model``: exported once into the cache, then reused."""
     key = hashlib.sha256(f"{weights_digest(model)}|{to}|{precision}|{__version__}".encode()).hexdigest()[:12]
     folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{to}-{precision}"
@@ -204,7 +212,7 @@ def cached_export(model: Levit, to: str, precision: str = "fp32") -> Path:
             return folder
         except ManifestError:
             pass  # a damaged cache entry is exported again
-    export(model, to, folder, precision=precision)
+    export(model, to, folder, precision=precision, reference=reference, images=images)
     return folder
 
 
@@ -230,8 +238,8 @@ def _manifest(model: Levit, to: str, opts: ExportOptions, staged: StagedArtifact
                   "shape": ["batch" if opts.batch == "dynamic" else opts.batch, 3, cfg.img_size, cfg.img_size]},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cfg.num_classes],
                    "meaning": "mean of classifier and distillation heads" if cfg.distilled else "classifier"},
-        "fusion": [{"step": r.stage, "max_abs": r.max_abs, "rel": r.min_rel_tolerance, "passed": r.passed}
-                   for r in fusion_reports],
+        "fusion": [{"step": r.stage, "max_abs": r.max_abs, "max_e_over_s": r.max_e_over_s,
+                    "worst_margin": r.worst_margin, "passed": r.passed} for r in fusion_reports],
         "preprocessing": spec.to_dict(),
         "parity": parity,
         "versions": {"levit-deploy": __version__, **package_versions(*VERSION_PACKAGES[to])},

@@ -8,6 +8,11 @@ import numpy as np
 from .base import Runtime, RuntimeUnavailable, require
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
 class CoreMlRuntime(Runtime):
     name = "coreml"
 
@@ -21,7 +26,8 @@ class CoreMlRuntime(Runtime):
         self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
         self.path, self.precision, self.units = str(path), precision, units
         self.image_input, self.labels = image_input, labels
-        self.returns_log_probabilities = labels
+        # a classifier package outputs probabilities: parity maps the reference into log-probabilities
+        self.output_transform = log_softmax if labels else None
         spec = self.model.get_spec().description
         self.input_name = spec.input[0].name
         self.prob_name = spec.predictedProbabilitiesName
