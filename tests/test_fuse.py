@@ -47,8 +47,8 @@ def test_every_step_passes_the_rule_on_a_trained_like_checkpoint(name):
     assert fused.passed
 
 
-def test_deploy_model_is_clean(model_128s, reference_128s):
-    deploy = fuse_checked(model_128s, reference_128s).model
+def test_deploy_model_is_clean(model_128s):
+    deploy = fuse(model_128s)  # the public API: checked against the default reference set
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
     assert all(torch.is_floating_point(t) for t in list(deploy.parameters()) + list(deploy.buffers()))
     biases = [b for n, b in deploy.named_buffers() if n.endswith("attention_bias")]
@@ -83,12 +83,12 @@ _real_fuse = levit_mod.Attention.fuse
 
 
 def _patched_fuse(corrupt):
-    def fuse(self):
+    def corrupted_fuse(self):
         deploy = _real_fuse(self)
         with torch.no_grad():
             corrupt(deploy)
         return deploy
-    return fuse
+    return corrupted_fuse
 
 
 def _unscale(deploy):
