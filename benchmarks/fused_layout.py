@@ -29,7 +29,7 @@ from torch import nn
 
 from levit_deploy.checkpoints import load
 from levit_deploy.fuse import fuse
-from levit_deploy.manifest import fingerprint
+from levit_deploy.env import fingerprint
 from levit_deploy.models.deploy import DeployAttention, DeployAttentionSubsample, DeployLevit, DeployMlp, Residual
 
 
@@ -124,7 +124,7 @@ def export(model: nn.Module, path: Path) -> None:
 def sessions(path: Path):
     import onnxruntime as ort
 
-    from levit_deploy.runtimes.openvino import shared_core
+    from levit_deploy.backends.openvino import shared_core
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1

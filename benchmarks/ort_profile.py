@@ -19,9 +19,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from levit_deploy.bench import _open_plain
+from levit_deploy.backends.onnx import write_plain
 from levit_deploy.checkpoints import load
-from levit_deploy.exporters import export
+from levit_deploy.export import export
 
 
 def profile(path: Path, x: np.ndarray, runs: int) -> tuple[collections.Counter, float]:
@@ -52,8 +52,7 @@ def main() -> None:
     model = load(args.variant, init="random")
     tmp = Path(tempfile.mkdtemp())
     ours = export(model, "onnx", tmp / "ours").path
-    plain = tmp / "plain.onnx"
-    _open_plain(model, plain, "cpu", 1).close()
+    plain = write_plain(model, tmp / "plain")
     x = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
     for label, path in (("levit-deploy fused", ours), ("plain unfused export", plain)):
         per_op, total = profile(path, x, args.runs)

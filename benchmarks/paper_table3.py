@@ -21,7 +21,8 @@ import torch
 
 from levit_deploy import bench
 from levit_deploy.checkpoints import load
-from levit_deploy.manifest import fingerprint
+from levit_deploy.env import fingerprint
+from levit_deploy.parity import build_reference_set
 from levit_deploy.models import VARIANTS, count_flops
 
 PAPER_INTEL = {"levit_128s": 131.1, "levit_128": 94.0, "levit_192": 65.0, "levit_256": 42.5, "levit_384": 23.1}
@@ -57,9 +58,10 @@ def main() -> None:
     rows, raw = [], []
     for name in args.variants:
         model = load(name, init="random")
-        cases = bench.build_cases(model, ["ort", "openvino"], protocol)
+        reference = build_reference_set(model)
+        cases = bench.build_cases(model, ["ort", "openvino"], protocol, reference=reference)
         print(f"{name}: {len(cases)} cases …", file=sys.stderr)
-        results, interrupted = bench.run_cases(cases, model, protocol)
+        results, interrupted = bench.run_cases(cases, reference, protocol)
         by = {r.label: r for r in results}
         ours = [r for r in results if "levit-deploy" in r.label and r.images_per_s and r.status == "ok"]
         best = max(ours, key=lambda r: r.images_per_s)

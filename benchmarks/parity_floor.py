@@ -29,10 +29,10 @@ from trained_like import make_trained_like_  # noqa: E402
 
 import levit_deploy as ld  # noqa: E402
 from levit_deploy.checkpoints import build_from_state_dict  # noqa: E402
-from levit_deploy.exporters import ExportOptions  # noqa: E402
+from levit_deploy.backends import get_backend  # noqa: E402
+from levit_deploy.export import ExportOptions  # noqa: E402
 from levit_deploy.fuse import fuse_checked  # noqa: E402
 from levit_deploy.parity import FLOOR_FACTOR, build_reference_set, compare_outputs, run_candidate  # noqa: E402
-from levit_deploy.runtimes import runtime_class  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "checkpoints" / "levit_128s_trained_like.pth"
 FACTORS = {"1 + 1e-6": 1 + 1e-6, "1.001": 1.001, "1.01": 1.01}
@@ -48,10 +48,10 @@ def checkpoints(variants):
 
 
 def artifact_outputs(deploy, target: str, inputs: np.ndarray) -> np.ndarray:
-    module = __import__(f"levit_deploy.exporters.{target}", fromlist=["write"])
+    backend = get_backend(target)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = module.write(deploy, Path(tmp), ExportOptions())
-        with runtime_class(staged.runtime)(str(Path(tmp) / staged.file), threads=1) as rt:
+        staged = backend.write(deploy, Path(tmp), ExportOptions(target=backend.parse_options({})))
+        with backend.runtime_class(str(Path(tmp) / staged.file), threads=1) as rt:
             return run_candidate(rt, inputs)
 
 

@@ -25,8 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoints import cache_dir
-from .manifest import cpu_info
+from .env import cache_dir, cpu_info
 
 # Emulation pins onnxruntime: the 1.31.1 aarch64 wheel dies with SIGSEGV at import under Debian 12's
 # qemu-user 7.2 (seen here), while 1.24.4 imports and runs LeViT (1.20-1.24 are reported to run).
@@ -208,9 +207,8 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
     One reference set per model serves the export (when the cache has no artifact yet) and the
     aarch64 comparison alike.
     """
-    from .checkpoints import load, load_artifact_source
-    from .exporters import cached_export
-    from .manifest import is_artifact, read_manifest
+    from .artifacts import cached_export, is_artifact, load_source, read_manifest
+    from .checkpoints import load
     from .parity import build_reference_set, compare_outputs
 
     if arch not in ("arm64", "aarch64"):
@@ -235,7 +233,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
             if manifest["artifact"]["format"] != "onnx":
                 raise Arm64Error(f"{path}: a {manifest['artifact']['format']} artifact; --arch arm64 runs ONNX "
                                  f"artifacts in onnxruntime")
-            model, folder = load_artifact_source(path), path
+            model, folder = load_source(path), path
             reference = build_reference_set(model, images=images)
         else:
             model = load(target, weights=weights, init=init)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .manifest import fingerprint
+from .env import fingerprint
 from .parity import ReferenceSet, compare, random_inputs
 
 
@@ -113,7 +113,7 @@ def run_cases(cases: list[BenchCase], reference: ReferenceSet | None, protocol: 
             manifest = getattr(rt, "manifest", None)
             if result.size_mb is None and manifest:
                 result.size_mb = manifest["artifact"]["size_bytes"] / 1e6
-            elif result.size_mb is None and os.path.isfile(result.info.get("path", "")):
+            elif result.size_mb is None and result.info.get("path") and os.path.isfile(result.info["path"]):
                 result.size_mb = os.path.getsize(result.info["path"]) / 1e6
             result.precision = getattr(rt, "precision", case.precision)
             if reference is not None:
@@ -122,8 +122,7 @@ def run_cases(cases: list[BenchCase], reference: ReferenceSet | None, protocol: 
                 result.parity_passed = report.passed
                 if not report.passed:
                     result.status = "parity failed"
-            feed = device_batch if protocol.device.startswith("cuda") and case.runtime in ("torch", "tensorrt") \
-                else batch
+            feed = device_batch if protocol.device.startswith("cuda") and rt.accepts_device_tensors else batch
             rt.infer(feed)
             opened.append((case, rt, result, [], feed))
         except KeyboardInterrupt:
@@ -203,72 +202,123 @@ def largest_power_of_two_batch(try_batch: Callable[[int], bool], limit: int = 81
 def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path | None = None,
                 artifacts: list[Path] = (), include_baselines: bool = True,
                 reference: ReferenceSet | None = None) -> list[BenchCase]:
-    """The standard line-up for a model: what users have, what a plain export gives, and ours."""
-    from .fuse import fuse
-    from .runtimes import open_runtime
+    """The standard line-up for a model: what users have (the unfused model in PyTorch), what a plain
+    export gives (where a backend offers one), and ours in every asked-for runtime; or given artifacts."""
+    from .backends import backends, module_runtime, open_runtime
+    from .fuse import fuse_checked
 
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
     t, dev, prec = protocol.threads, protocol.device, protocol.precision
+    module_rt = module_runtime()
     cases = []
     if include_baselines:  # what a user has: fp32 on CPU, the paper's fp16 autocast on GPU
         base = prec if dev.startswith("cuda") else "fp32"
-        cases.append(BenchCase("torch unfused (eager)", lambda: open_runtime(model, "torch", dev, t, precision=base),
-                               "torch", precision=base, baseline=True))
-    if "torch" in runtimes:
-        deploy = fuse(model, check=False)
-        cases.append(BenchCase("torch fused (eager)", lambda: open_runtime(deploy, "torch", dev, t, precision=prec),
-                               "torch", precision=prec))
+        cases.append(BenchCase(f"{module_rt} unfused (eager)",
+                               lambda: open_runtime(model, module_rt, dev, t, compute=base), module_rt,
+                               precision=base, baseline=True))
+    if module_rt in runtimes:
+        deploy = fuse_checked(model, reference, check=reference is not None).model
+        cases.append(BenchCase(f"{module_rt} fused (eager)", lambda: open_runtime(deploy, module_rt, dev, t, compute=prec),
+                               module_rt, precision=prec))
         if dev.startswith("cuda"):
-            cases.append(BenchCase("torch fused (CUDA graph)", lambda: open_runtime(
-                deploy, "torch", dev, t, precision=prec, cuda_graph=True), "torch", precision=prec))
-    if "ort" in runtimes and include_baselines:
-        plain = work_dir / "plain-unfused.onnx"
-        cases.append(BenchCase("ort plain export (unfused)", lambda: _open_plain(model, plain, dev, t), "ort",
-                               size_mb=None))
-    for rt_name, target in (("ort", "onnx"), ("openvino", "openvino"), ("tensorrt", "tensorrt")):
-        if rt_name in runtimes and not artifacts:
-            folder = work_dir / f"ours-{target}"
-            export_precision = prec if rt_name == "tensorrt" else "fp32"
-            options = {"inference_precision": prec} if rt_name == "openvino" and prec != "fp32" else {}
-            cases.append(BenchCase(f"{rt_name} levit-deploy",
-                                   _export_then_open(model, target, folder, dev, t, export_precision, options,
-                                                     reference),
-                                   rt_name, precision=export_precision))
+            cases.append(BenchCase(f"{module_rt} fused (CUDA graph)", lambda: open_runtime(
+                deploy, module_rt, dev, t, compute=prec, cuda_graph=True), module_rt, precision=prec))
+    for backend in backends().values():
+        if backend.runtime not in runtimes or backend.write is None:
+            continue
+        if include_baselines and backend.write_plain is not None:
+            path = work_dir / f"plain-{backend.name}"
+            cases.append(BenchCase(f"{backend.runtime} plain export (unfused)",
+                                   lambda b=backend, p=path: open_runtime(b.write_plain(model, p), None, dev, t),
+                                   backend.runtime))
+        if artifacts:
+            continue
+        if prec in backend.compute_precisions:  # an fp32 artifact computed in prec (e.g. bf16 on OpenVINO)
+            export_precision, compute = "fp32", prec
+        elif prec in backend.precisions:  # an artifact exported in prec (e.g. an fp16 TensorRT engine)
+            export_precision, compute = prec, None
+        else:
+            cases.append(BenchCase(f"{backend.runtime} levit-deploy", _refuse(backend, prec), backend.runtime, prec))
+            continue
+        folder = work_dir / f"ours-{backend.name}"
+        cases.append(BenchCase(f"{backend.runtime} levit-deploy",
+                               _export_then_open(model, backend.name, folder, dev, t, export_precision, compute,
+                                                 reference), backend.runtime, precision=export_precision))
     for path in artifacts:
         cases.append(BenchCase(f"artifact {Path(path).name}", lambda p=path: open_runtime(p, None, dev, t),
                                "artifact"))
     return cases
 
 
-def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None,
-                      precision: str = "fp32", options: dict | None = None, reference: ReferenceSet | None = None):
+def _refuse(backend, precision: str):
     def opener():
-        from .exporters import export
-        from .runtimes import open_runtime
-
-        if not (folder / "manifest.json").exists():
-            export(model, target, folder, precision=precision, reference=reference)
-        return open_runtime(folder, None, device, threads, **(options or {}))
+        raise ValueError(f"{backend.runtime} cannot run {precision}: it exports "
+                         f"{', '.join(backend.precisions)} and computes in {', '.join(backend.compute_precisions)}")
     return opener
 
 
-def _open_plain(model, path: Path, device: str, threads: int | None):
-    """What Optimum or timm's exporter gives: the unfused model straight through torch.onnx."""
-    import contextlib
-    import io
-    import warnings
+def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None, precision: str = "fp32",
+                      compute: str | None = None, reference: ReferenceSet | None = None):
+    def opener():
+        from .backends import open_runtime
+        from .export import export
 
-    import torch
+        if not (folder / "manifest.json").exists():
+            export(model, target, folder, precision=precision, reference=reference)
+        return open_runtime(folder, None, device, threads, **({"compute": compute} if compute else {}))
+    return opener
 
-    from .runtimes import open_runtime
 
-    if not path.exists():
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.randn(2, 3, 224, 224),), str(path), input_names=["pixel_values"],
-                              output_names=["logits"], dynamo=True, external_data=False,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
-    return open_runtime(path, "ort", device, threads)
+def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=None, init: str = "pretrained",
+              protocol: Protocol | None = None, sweep_to: int | None = None, plot: Path | None = None,
+              images=(), status: Callable[[str], None] = lambda m: None) -> tuple[list[dict], bool]:
+    """Bench every target (variant name, checkpoint or artifact folder) side by side; one document each.
+
+    On CUDA the batch is the largest power of two whose fp16 forward fits. ``sweep_to``: also measure
+    images/s over batches 1, 2, 4, ... up to it, plotted into ``plot`` (one file per target, suffixed with
+    the variant when there are several). Returns (documents, interrupted).
+    """
+    from .artifacts import is_artifact, load_source
+    from .backends import installed_runtimes, runtimes as known_runtimes
+    from .checkpoints import load
+    from .parity import build_reference_set
+
+    protocol = protocol or Protocol()
+    runtimes = runtimes or installed_runtimes()
+    unknown = sorted(set(runtimes) - set(known_runtimes()))
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(known_runtimes())}")
+    documents, interrupted = [], False
+    for target in targets:
+        artifacts = [Path(target)] if is_artifact(target) else []
+        model = load_source(target) if artifacts else load(target, weights=weights, init=init)
+        if protocol.device.startswith("cuda"):
+            protocol.batch = largest_cuda_batch(model)
+            status(f"largest power-of-two batch that fits: {protocol.batch}")
+        reference = build_reference_set(model, images=images)
+        cases = build_cases(model, runtimes, protocol, artifacts=artifacts, reference=reference)
+        status(f"{model.config.name}: {len(cases)} cases, {protocol.threads} thread(s), batch {protocol.batch}, "
+               f"{protocol.duration_s:g}s each (Ctrl-C stops and prints what was measured)")
+        results, interrupted = run_cases(cases, reference, protocol)
+        if sweep_to and not interrupted:
+            sizes = [2 ** i for i in range(sweep_to.bit_length()) if 2 ** i <= sweep_to]
+            for case, result in zip(cases, results):
+                if result.status == "ok":
+                    status(f"sweep {case.label} over batches {sizes} …")
+                    try:
+                        result.sweep = sweep(case, sizes, protocol)
+                    except KeyboardInterrupt:
+                        interrupted = True
+                        break
+        doc = report_document(results, protocol, interrupted, model.config.name)
+        if plot is not None and sweep_to:
+            path = plot if len(targets) == 1 else plot.with_stem(f"{plot.stem}-{model.config.name}")
+            plot_sweep(results, path, f"{model.config.name}, {protocol.threads} thread(s)")
+            doc["plot"] = str(path)
+        documents.append(doc)
+        if interrupted:
+            break
+    return documents, interrupted
 
 
 def report_document(results: list[BenchResult], protocol: Protocol, interrupted: bool, model_name: str) -> dict:
@@ -295,9 +345,9 @@ def format_table(results: list[BenchResult]) -> str:
 
 
 def plot_sweep(results: list[BenchResult], path: Path, title: str) -> None:
-    from .runtimes.base import require
+    from .env import require
 
-    plt = require("matplotlib.pyplot", "--plot")
+    plt = require("matplotlib.pyplot", "--plot", "plot")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         if r.sweep:
@@ -318,8 +368,8 @@ def largest_cuda_batch(model, limit: int = 8192) -> int:
     """The paper's GPU protocol: the largest power-of-two batch whose fp16 forward fits in memory."""
     import torch
 
+    from .backends import RuntimeUnavailable
     from .fuse import fuse
-    from .runtimes.base import RuntimeUnavailable
 
     if not torch.cuda.is_available():
         raise RuntimeUnavailable("--device cuda: PyTorch sees no CUDA GPU on this machine")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import layouts
-from .manifest import sha256_file
+from .env import cache_dir, sha256_file
 from .models import VARIANTS, Levit, LevitConfig, get_config, resolve_variant_name
 from .models.levit import attention_bias_idxs
 
@@ -354,14 +354,6 @@ def build_from_state_dict(sd: dict[str, torch.Tensor], source: str, file_format:
 # Pretrained weights
 
 
-def cache_dir() -> Path:
-    """Where downloads live: $LEVIT_DEPLOY_CACHE, else $XDG_CACHE_HOME/levit-deploy, else ~/.cache."""
-    if os.environ.get("LEVIT_DEPLOY_CACHE"):
-        return Path(os.environ["LEVIT_DEPLOY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "levit-deploy"
-
-
 def _hash_prefix(url: str) -> str:
     return url.rsplit("-", 1)[-1].split(".")[0]
 
@@ -466,22 +458,6 @@ def load(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = No
     if init != "pretrained":
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     return _load_path(download_pretrained(variant), variant, num_classes)
-
-
-def load_artifact_source(folder: str | os.PathLike) -> Levit:
-    """The reference model an artifact was exported from, rebuilt from its manifest."""
-    from .manifest import ManifestError, read_manifest
-
-    manifest, _ = read_manifest(folder)
-    src = manifest.get("source", {})
-    variant = manifest["model"]["variant"]
-    if src.get("layout") == "none" and src.get("seed") is not None:
-        return load(variant, init="random", seed=src["seed"])
-    path = src.get("source")
-    if not path or not Path(path).exists():
-        raise ManifestError(f"{folder}: the source checkpoint {path!r} recorded in the manifest is not on this "
-                            f"machine; pass it as MODEL and the artifact with --artifact")
-    return load(path)
 
 
 def _load_path(path: Path, variant: str | None, num_classes: int | None) -> Levit:

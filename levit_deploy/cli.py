@@ -1,4 +1,8 @@
-"""The ``levit-deploy`` command: argument handling and printing only; the work is in the library."""
+"""The ``levit-deploy`` command: argument handling and printing only; the work is in the library.
+
+Commands: info, export, parity, bench, predict, backends, arm64 setup, version. Expected failures
+print one line: exit 1 when a gate failed (parity, some images), exit 2 for bad input or environment.
+"""
 from __future__ import annotations
 
 import json
@@ -10,8 +14,9 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .backends import backends, get_backend, runtimes, targets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Load, fuse, export, verify, benchmark and run LeViT image classifiers.")
 
 EXIT_FAILED = 1  # the work ran but its result failed a gate (parity, some images)
@@ -20,11 +25,11 @@ EXIT_ERROR = 2  # bad input or environment: nothing useful was produced
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .arm64 import Arm64Error
+    from .artifacts import ManifestError
+    from .backends import ExportError, RuntimeUnavailable
     from .checkpoints import CheckpointError
-    from .exporters import ExportError
-    from .manifest import ManifestError
+    from .env import MissingDependency
     from .preprocess import ImageError
-    from .runtimes.base import MissingDependency, RuntimeUnavailable
 
     return (Arm64Error, CheckpointError, ExportError, ManifestError, MissingDependency, RuntimeUnavailable, ImageError,
             ValueError, OSError, KeyError)
@@ -44,7 +49,7 @@ def status(message: str) -> None:
 
 def run_guarded(as_json: bool, fn, *args, **kwargs):
     """Call into the library; a failed gate becomes one line and exit 1, known errors one line and exit 2."""
-    from .exporters import ExportParityError
+    from .export import ExportParityError
     from .fuse import FusionError
 
     try:
@@ -74,6 +79,22 @@ INIT_HELP = ("For a variant name without --weights: 'pretrained' downloads the o
 JSON_HELP = "Print one JSON document on stdout instead of a table."
 IMAGES_HELP = ("A folder of your own images, added to the parity inputs as their own kind (the bundled "
                "photos, noise and synthetic JPEGs are always used).")
+TARGET_HELP = f"Export target: {', '.join(targets())} (see `levit-deploy backends`)."
+OPTION_HELP = ("A target's own option as KEY=VALUE (repeatable); an option the target does not take is refused. "
+               + " ".join(f"{b.name}: {'; '.join(o.split(':')[0] for o in b.option_help())}."
+                          for b in backends().values() if b.option_help()))
+RUNTIME_HELP = f"Runtime: {', '.join(runtimes())} (repeatable)."
+
+
+def parse_options(pairs: list[str], as_json: bool) -> dict[str, str]:
+    """KEY=VALUE strings as a dict; the backend types and checks them."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--option takes KEY=VALUE, got {pair!r}", as_json)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 @app.command()
@@ -104,40 +125,32 @@ def info(path: str = typer.Argument(..., help=MODEL_HELP),
 
 @app.command()
 def export(model: str = typer.Argument(..., help=MODEL_HELP),
-           to: str = typer.Option(..., "--to", help="Target: onnx, openvino, coreml or tensorrt."),
+           to: str = typer.Option(..., "--to", help=TARGET_HELP),
            weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
            init: str = typer.Option("pretrained", help=INIT_HELP),
            out: Optional[Path] = typer.Option(None, help="Output folder [default: ./<variant>-<target>-<precision>]."),
-           precision: str = typer.Option("fp32", help="fp32 or fp16 (bf16 for tensorrt)."),
+           precision: str = typer.Option("fp32", help="fp32, fp16 or bf16, as the target supports "
+                                                      "(`levit-deploy backends`)."),
            batch: str = typer.Option("dynamic", help="'dynamic' or a fixed batch size."),
-           opset: int = typer.Option(18, help="ONNX opset (18+ uses the torch.export exporter; 13-17 the TorchScript one)."),
-           simplify: bool = typer.Option(True, help="Simplify the ONNX graph with onnxsim when installed."),
            img_size: int = typer.Option(224, help="Input size. LeViT runs at 224 only; others are refused."),
-           image_input: bool = typer.Option(False, help="CoreML: take an image input with normalisation folded in."),
-           labels: bool = typer.Option(False, help="CoreML: embed ImageNet class labels (ClassifierConfig)."),
-           min_target: str = typer.Option("macOS13", help="CoreML minimum deployment target (macOS13, iOS16, ...)."),
-           max_batch: int = typer.Option(256, help="TensorRT: largest batch of the optimisation profile."),
-           opt_batch: int = typer.Option(64, help="TensorRT: batch the engine is tuned for."),
+           option: List[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
            images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Fuse a model, export it, and keep the artifact only if it passes the parity gate."""
-    from .exporters import export as do_export
+    from .export import ExportParityError
+    from .export import export as do_export
+    from .fuse import FusionError
 
     quiet_exporters()
+    options = parse_options(option, as_json)
+    run_guarded(as_json, lambda: get_backend(to).parse_options(options))  # refuse bad options before loading
     status(f"loading {model} …")
     ref = run_guarded(as_json, _load, model, weights, init)
     out = out or Path(f"{ref.config.name}-{to}-{precision}")
-    extra = {}
-    if to == "coreml":
-        extra = {"image_input": image_input, "labels": labels, "min_target": min_target}
-    elif to == "tensorrt":
-        extra = {"max_batch": max_batch, "opt_batch": opt_batch}
     status(f"fusing, exporting to {to} ({precision}), checking parity …")
-    from .exporters import ExportParityError
-    from .fuse import FusionError
     try:
-        artifact = do_export(ref, to, out, precision=precision, batch=batch, opset=opset, simplify=simplify,
-                             img_size=img_size, images=[images] if images else (), **extra)
+        artifact = do_export(ref, to, out, precision=precision, batch=batch, img_size=img_size,
+                             images=[images] if images else (), options=options)
     except (ExportParityError, FusionError) as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))
@@ -233,21 +246,11 @@ def format_kinds(report, indent: str = "") -> str:
     return _table(rows, indent)
 
 
-def installed_runtimes() -> list[str]:
-    import importlib.util
-
-    found = ["torch"]
-    for name, module in (("ort", "onnxruntime"), ("openvino", "openvino"), ("tensorrt", "tensorrt")):
-        if importlib.util.find_spec(module) is not None:
-            found.append(name)
-    return found
-
-
 @app.command()
 def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpoints or artifact folders "
                                                     "[default: levit_128s]."),
-          runtime: List[str] = typer.Option([], "--runtime", "-r",
-                                            help="torch, ort, openvino, tensorrt (repeatable) [default: all installed]."),
+          runtime: List[str] = typer.Option([], "--runtime", "-r", help=RUNTIME_HELP + " [default: every one "
+                                                                                  "that can run here]"),
           weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
           init: str = typer.Option("pretrained", help=INIT_HELP),
           threads: int = typer.Option(1, help="Threads per runtime (the paper: 1 on CPU)."),
@@ -255,93 +258,49 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
           sweep_batches: bool = typer.Option(False, "--sweep", help="Also measure throughput over batch 1..--max-batch."),
           max_batch: int = typer.Option(64, help="Largest batch of --sweep (powers of two)."),
           device: str = typer.Option("cpu", help="cpu or cuda (cuda: largest power-of-two batch that fits)."),
-          precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 for torch (autocast), tensorrt "
-                                                             "and openvino (inference precision; bf16 uses AMX / "
-                                                             "AVX-512 bf16 where present) [default: fp32 on cpu, "
-                                                             "fp16 on cuda as the paper]; parity follows it."),
+          precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16: each runtime computes in it "
+                                                             "(autocast, inference precision) or runs an artifact "
+                                                             "exported in it [default: fp32 on cpu, fp16 on cuda as "
+                                                             "the paper]; parity follows it."),
           duration: float = typer.Option(10.0, help="Timed seconds per case (rounds are interleaved)."),
           warmup: float = typer.Option(2.0, help="Warm-up seconds before timing."),
           arch: Optional[str] = typer.Option(None, help="arm64: Graviton presets natively, or emulated parity on x86-64."),
           fast_math: bool = typer.Option(False, "--bf16-fast-math", help="arm64: opt into bf16 fast-math GEMM "
-                                                                             "(parity then uses the bf16 tolerance)."),
+                                                                             "(parity then uses the bf16 rule)."),
           plot: Optional[Path] = typer.Option(None, help="Write the --sweep curve to this PNG (needs matplotlib)."),
           images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Time LeViT side by side with the paper's protocol (1 thread, batch 16 on CPU)."""
+    """Time models side by side with the paper's protocol (1 thread, batch 16 on CPU)."""
     from . import bench as b
 
     quiet_exporters()
+    extra_images = [images] if images else ()
     if arch is not None:
-        from .arm64 import bench_arm64
+        from .arm64 import bench_arm64, format_arm64
 
         doc = run_guarded(as_json, bench_arm64, targets or ["levit_128s"], arch=arch, weights=weights, init=init,
                           threads=threads, batch=batch, duration=duration, fast_math=fast_math,
-                          runtimes=runtime or ["ort"], status=status, images=[images] if images else ())
-        if as_json:
-            print(json.dumps(doc, indent=2, default=str))
-        else:
-            from .arm64 import format_arm64
-            print(format_arm64(doc))
+                          runtimes=runtime or ["ort"], status=status, images=extra_images)
+        print(json.dumps(doc, indent=2, default=str) if as_json else format_arm64(doc))
         if not doc["ok"]:
             raise typer.Exit(EXIT_FAILED)
         return
-    runtimes = runtime or installed_runtimes()
-    unknown = sorted(set(runtimes) - {"torch", "ort", "openvino", "tensorrt", "coreml"})
-    if unknown:
-        fail(f"unknown runtime(s) {', '.join(unknown)}; choose torch, ort, openvino, tensorrt", as_json)
-    precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
     protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device,
-                          precision=precision)
-    documents = []
-    failed = False
-    for target in targets or ["levit_128s"]:
-        model, artifacts = run_guarded(as_json, _bench_target, target, weights, init)
-        if device.startswith("cuda"):
-            protocol.batch = run_guarded(as_json, b.largest_cuda_batch, model)
-            status(f"largest power-of-two batch that fits: {protocol.batch}")
-        from .parity import build_reference_set
-        reference = run_guarded(as_json, build_reference_set, model, images=[images] if images else ())
-        cases = b.build_cases(model, runtimes, protocol, artifacts=artifacts, reference=reference)
-        status(f"{model.config.name}: {len(cases)} cases, {protocol.threads} thread(s), batch {protocol.batch}, "
-               f"{protocol.duration_s:g}s each (Ctrl-C stops and prints what was measured)")
-        results, interrupted = b.run_cases(cases, reference, protocol)
-        if sweep_batches and not interrupted:
-            sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
-            for case, result in zip(cases, results):
-                if result.status == "ok":
-                    status(f"sweep {case.label} over batches {sizes} …")
-                    try:
-                        result.sweep = b.sweep(case, sizes, protocol)
-                    except KeyboardInterrupt:
-                        interrupted = True
-                        break
-        doc = b.report_document(results, protocol, interrupted, model.config.name)
-        documents.append(doc)
-        failed |= any(r.status != "ok" for r in results)
-        if not as_json:
-            print(f"\n{model.config.name} — {protocol.threads} thread(s), batch {protocol.batch}, "
-                  f"{doc['machine']['cpu']['model']}{' (interrupted: partial results)' if interrupted else ''}")
-            print(b.format_table(results))
-        if plot is not None and sweep_batches:
-            target_plot = plot if len(targets or [1]) == 1 else plot.with_stem(f"{plot.stem}-{model.config.name}")
-            run_guarded(as_json, b.plot_sweep, results, target_plot, f"{model.config.name}, {protocol.threads} thread(s)")
-            status(f"plot written to {target_plot}")
-        if interrupted:
-            break
+                          precision=precision or ("fp16" if device.startswith("cuda") else "fp32"))
+    documents, interrupted = run_guarded(as_json, b.run_bench, targets or ["levit_128s"], runtime, weights, init,
+                                         protocol, max_batch if sweep_batches else None, plot, extra_images, status)
     if as_json:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2, default=str))
-    if failed:
+    else:
+        for doc in documents:
+            results = [b.BenchResult(**r) for r in doc["results"]]
+            print(f"\n{doc['model']} — {protocol.threads} thread(s), batch {doc['protocol']['batch']}, "
+                  f"{doc['machine']['cpu']['model']}{' (interrupted: partial results)' if doc['interrupted'] else ''}")
+            print(b.format_table(results))
+            if doc.get("plot"):
+                status(f"plot written to {doc['plot']}")
+    if any(r["status"] != "ok" for doc in documents for r in doc["results"]):
         raise typer.Exit(EXIT_FAILED)
-
-
-def _bench_target(target: str, weights, init):
-    """(reference model, artifacts to time) for a variant, checkpoint or artifact folder."""
-    from .checkpoints import load_artifact_source
-    from .manifest import is_artifact
-
-    if is_artifact(target):
-        return load_artifact_source(target), [Path(target)]
-    return _load(target, weights, init), []
 
 
 @app.command()
@@ -349,9 +308,10 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
             model: str = typer.Option("levit_128s", help=MODEL_HELP + " Or an artifact folder."),
             weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
             init: str = typer.Option("pretrained", help=INIT_HELP),
-            runtime: Optional[str] = typer.Option(None, help="ort (default), torch, openvino, tensorrt or coreml. "
-                                                             "Without an artifact the model is exported once into "
-                                                             "the cache, parity-checked, and reused."),
+            runtime: Optional[str] = typer.Option(None, help=RUNTIME_HELP.rstrip(" (repeatable).") + ". Without an "
+                                                             "artifact the model is exported once into the cache, "
+                                                             "parity-checked, and reused [default: the first that "
+                                                             "can run here]."),
             topk: int = typer.Option(5, help="Classes to report per image."),
             batch: int = typer.Option(32, help="Images decoded and inferred together (bounds memory)."),
             threads: Optional[int] = typer.Option(None, help="Runtime threads [default: the runtime's own]."),
@@ -432,6 +392,31 @@ def arm64_setup(force: bool = typer.Option(False, help="Rebuild even if it exist
     else:
         print(f"ready: {info['python']} (aarch64) with numpy {info['numpy']} and onnxruntime {info['onnxruntime']}, "
               f"{info['qemu']}, in {info['sysroot']}")
+
+
+@app.command("backends")
+def list_backends(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """The export targets and runtimes this levit-deploy knows, and which of them can run here."""
+    rows = []
+    for b in backends().values():
+        rows.append({"target": b.name if b.write else None, "runtime": b.runtime, "installed": b.installed(),
+                     "usable_here": b.usable(), "needs": b.needs, "extra": b.extra,
+                     "export_precisions": list(b.precisions), "compute_precisions": list(b.compute_precisions),
+                     "options": b.option_help(), "description": b.description})
+    if as_json:
+        print(json.dumps({"ok": True, "backends": rows}, indent=2))
+        return
+    table = [("target", "runtime", "here", "precisions", "install")]
+    for r in rows:
+        here = "yes" if r["usable_here"] else f"installed, needs {r['needs']}" if r["installed"] else "not installed"
+        table.append((r["target"] or "-", r["runtime"], here, ", ".join(r["export_precisions"]) or "-",
+                      f"levit-deploy[{r['extra']}]" if r["extra"] else "core"))
+    print(_table(table))
+    for r in rows:
+        if r["options"]:
+            print(f"\n{r['target']} options (-o KEY=VALUE):")
+            for opt in r["options"]:
+                print(f"  {opt}")
 
 
 @app.command()

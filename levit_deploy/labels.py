@@ -25,3 +25,12 @@ def load_labels(path: str | Path | None, num_classes: int) -> list[str]:
     if num_classes == 1000:
         return list(imagenet_labels())
     return [str(i) for i in range(num_classes)]
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """Names made unique by appending the class index to repeated ones (ImageNet has two 'crane' and two
+    'maillot' classes): a classifier that keys its outputs by name must not merge classes."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({i})" if counts[name] > 1 else name for i, name in enumerate(names)]

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import load, load_artifact_source
+from .artifacts import is_artifact, load_source
+from .backends import open_runtime
+from .checkpoints import load
 from .fuse import FusionError, fuse_checked
-from .manifest import is_artifact
 from .parity import ParityReport, build_reference_set, compare
-from .runtimes import open_runtime
 
 
 def run_chain(model: str, weights=None, init: str = "pretrained", artifacts=(), images: Path | None = None,
               noise: int = 4, synthetic: int = 4) -> list[ParityReport]:
     artifacts = [Path(a) for a in artifacts]
     if is_artifact(model):
-        ref = load_artifact_source(Path(model))
+        ref = load_source(Path(model))
         artifacts.insert(0, Path(model))
     else:
         ref = load(model, weights=weights, init=init)

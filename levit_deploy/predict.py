@@ -12,14 +12,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .artifacts import cached_export, is_artifact, read_manifest
+from .backends import by_runtime, default_runtime, open_runtime
 from .checkpoints import load
 from .labels import load_labels
-from .manifest import is_artifact, read_manifest
 from .preprocess import (DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image,
                          spec_for_model, transform)
-
-RUNTIME_FORMATS = {"ort": "onnx", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coreml"}
-
 
 @dataclass
 class Prediction:
@@ -38,11 +36,10 @@ class Predictor:
     def __init__(self, model: str = "levit_128s", weights=None, init: str = "pretrained", runtime: str | None = None,
                  threads: int | None = None, labels: str | Path | None = None, preprocess: str | None = None,
                  device: str = "cpu", images=()):
-        """``images``: a folder of the user's photos added to the parity inputs of the first export."""
-        from .exporters import cached_export
+        """``runtime``: any runtime of the registry (default: the first installed one with an exporter);
+        ``images``: a folder of the user's photos added to the parity inputs of the first export."""
         from .fuse import fuse_checked
         from .parity import build_reference_set
-        from .runtimes import open_runtime
 
         path = Path(model)
         if is_artifact(path):
@@ -55,15 +52,14 @@ class Predictor:
             ref = load(model, weights=weights, init=init)
             spec = spec_for_model(ref)
             num_classes = ref.config.num_classes
-            runtime = runtime or "ort"
-            if runtime == "torch":
+            runtime = runtime or default_runtime()
+            backend = by_runtime(runtime)
+            if backend.write is None:  # a module runtime: fuse and run without exporting
                 deploy = fuse_checked(ref, build_reference_set(ref, spec, images=images)).model
-                self.runtime = open_runtime(deploy, "torch", device, threads)
-            elif runtime in RUNTIME_FORMATS:
-                folder = cached_export(ref, RUNTIME_FORMATS[runtime], images=images)
-                self.runtime = open_runtime(folder, runtime, device, threads)
+                self.runtime = open_runtime(deploy, runtime, device, threads)
             else:
-                raise ValueError(f"unknown runtime {runtime!r}; choose torch, ort, openvino, tensorrt or coreml")
+                folder = cached_export(ref, backend.name, images=images)
+                self.runtime = open_runtime(folder, runtime, device, threads)
             self.description = f"{ref.config.name} ({ref.load_info.source}) on {runtime}"
         self.spec = SPECS[preprocess] if preprocess else spec
         self.labels = load_labels(labels, num_classes)

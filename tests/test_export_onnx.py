@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy.checkpoints import build_from_state_dict
 from levit_deploy.cli import app
-from levit_deploy.exporters import ExportError, ExportParityError
-from levit_deploy.manifest import ManifestError, sha256_file
+from levit_deploy.artifacts import ManifestError
+from levit_deploy.backends import ExportError
+from levit_deploy.env import MissingDependency, sha256_file
+from levit_deploy.export import ExportParityError
 from levit_deploy.parity import build_reference_set, compare, random_inputs
-from levit_deploy.runtimes.base import MissingDependency
 
 from conftest import trained_like_checkpoint, trained_like_hf
 from layouts_ref import hf_state_dict, to_timm
@@ -91,7 +92,7 @@ def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
     for key in ("artifact", "source", "model", "labels", "export", "fusion", "preprocessing", "parity", "versions",
                 "machine"):
         assert key in m
-    assert m["export"]["opset"] >= 17 and m["artifact"]["opset"] >= 17
+    assert m["export"]["options"] == {"opset": 18, "simplify": True} and m["artifact"]["opset"] >= 17
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m["versions"])
     assert m["machine"]["cpu"]["model"] and "isa" in m["machine"]["cpu"]
     assert m["preprocessing"]["channel_order"] == "RGB" and m["preprocessing"]["interpolation"] == "bicubic"
@@ -121,15 +122,17 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_1
     out = tmp_path / "out"
     ld.export(model, "onnx", out, reference=reference)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import levit_deploy.exporters.onnx as onnx_exporter
-    real_write = onnx_exporter.write
+    import dataclasses
+
+    from levit_deploy.backends import backends
+    real = backends()["onnx"]
 
     def write_then_die(deploy, staging, opts):
-        real_write(deploy, staging, opts)
+        real.write(deploy, staging, opts)
         (staging / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_exporter, "write", write_then_die)
+    monkeypatch.setitem(backends(), "onnx", dataclasses.replace(real, write=write_then_die))
     with pytest.raises(KeyboardInterrupt):
         ld.export(model, "onnx", out, reference=reference)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -140,13 +143,13 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_1
 
 def test_parity_failure_exits_nonzero_and_keeps_no_artifact(tmp_path, monkeypatch):
     model = ld.load("levit_128s", init="random", seed=1)
-    import levit_deploy.exporters.onnx as onnx_exporter
+    import levit_deploy.backends.onnx as onnx_exporter
     real = onnx_exporter._torch_export
 
-    def corrupted(deploy, path, opts):
+    def corrupted(deploy, *args):
         with torch.no_grad():
             deploy.head.linear.bias.add_(0.5)  # a plausible exporter bug: a wrong constant
-        real(deploy, path, opts)
+        real(deploy, *args)
 
     monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
     with pytest.raises(ExportParityError):
@@ -157,13 +160,13 @@ def test_parity_failure_exits_nonzero_and_keeps_no_artifact(tmp_path, monkeypatc
 
 
 def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
-    import levit_deploy.exporters.onnx as onnx_exporter
+    import levit_deploy.backends.onnx as onnx_exporter
     real = onnx_exporter._torch_export
 
-    def corrupted(deploy, path, opts):
+    def corrupted(deploy, *args):
         with torch.no_grad():
             deploy.stem[0].bias.add_(1.0)
-        real(deploy, path, opts)
+        real(deploy, *args)
 
     monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out",
@@ -262,15 +265,17 @@ def test_missing_optional_package_gives_one_line_hint(exported_128s, monkeypatch
 
     monkeypatch.setattr(builtins, "__import__", no_ort)
     monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
+    runtime = ld.open_runtime(artifact.folder)  # construction is cheap and needs nothing
     with pytest.raises(MissingDependency) as e:
-        ld.open_runtime(artifact.folder)
+        runtime.activate()
     assert str(e.value).count("\n") == 0 and "pip install 'levit-deploy[onnx]'" in str(e.value)
 
 
 def test_core_import_needs_no_optional_backend():
     import subprocess
     import sys
-    code = ("import sys; import levit_deploy, levit_deploy.runtimes, levit_deploy.exporters, levit_deploy.cli;"
+    code = ("import sys; import levit_deploy, levit_deploy.backends, levit_deploy.export, levit_deploy.cli;"
+            "levit_deploy.backends.backends();"
             "bad = [m for m in ('onnxruntime','onnx','openvino','coremltools','tensorrt','transformers') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

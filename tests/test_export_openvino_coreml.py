@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy.checkpoints import build_from_state_dict
 from levit_deploy.cli import app
-from levit_deploy.exporters import ExportError
+from levit_deploy.backends import ExportError
 from levit_deploy.parity import build_reference_set, compare
-from levit_deploy.runtimes.base import RuntimeUnavailable
+from levit_deploy.backends import RuntimeUnavailable
 
 from conftest import trained_like_hf
 from layouts_ref import hf_state_dict
@@ -67,7 +67,7 @@ def test_openvino_runtime_honours_threads_and_records_precision(tmp_path, model_
         assert info["threads"] == 1 and info["inference_precision"] == "fp32"
         assert info["config"]["INFERENCE_PRECISION_HINT"] == "f32"
         assert compare(reference_128s, rt, rt.precision).passed
-    with ld.open_runtime(tmp_path, inference_precision="bf16") as rt:
+    with ld.open_runtime(tmp_path, compute="bf16") as rt:
         # on CPUs without bf16 support OpenVINO falls back to fp32: the recorded precision says which ran
         assert rt.precision == rt.info()["inference_precision"] in ("bf16", "fp32")
         report = compare(reference_128s, rt, rt.precision)
@@ -125,7 +125,7 @@ def test_coreml_image_input_folds_normalisation_and_embeds_labels(tmp_path, mode
 def test_coreml_validation_rejects_a_wrong_package(tmp_path, model_128s, reference_128s, monkeypatch):
     from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
-    from levit_deploy.exporters.coreml import validate_package
+    from levit_deploy.backends.coreml import validate_package
     ld.export(model_128s, "coreml", tmp_path, reference=reference_128s)
     with pytest.raises(ExportError, match=r"inputs \['pixel_values'\], expected \['image'\]"):
         validate_package(tmp_path / "model.mlpackage", coreml.target.iOS16, True, False, model_128s.config)

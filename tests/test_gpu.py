@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.parity import build_reference_set, compare, random_inputs
-from levit_deploy.runtimes.base import RuntimeUnavailable
+from levit_deploy.backends import RuntimeUnavailable
 
 runner = CliRunner()
 HAS_CUDA = torch.cuda.is_available()
@@ -36,19 +36,19 @@ def test_tensorrt_export_without_tensorrt_is_one_line(tmp_path):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message shown without a GPU")
 def test_gpu_requests_without_gpu_are_refused_clearly(model, tmp_path):
     with pytest.raises(RuntimeUnavailable, match="no CUDA GPU"):
-        ld.open_runtime(model, "torch", device="cuda")
+        ld.open_runtime(model, "torch", device="cuda").activate()
     art = ld.export(model, "onnx", tmp_path)
     import onnxruntime as ort
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(RuntimeUnavailable, match="CUDAExecutionProvider is not available.*onnxruntime-gpu"):
-            ld.open_runtime(art.folder, device="cuda")
+            ld.open_runtime(art.folder, device="cuda").activate()
 
 
 @needs_cuda
 @pytest.mark.parametrize("precision,graph", [("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True)])
 def test_torch_runtime_on_cuda(model, precision, graph):
     reference = build_reference_set(model)
-    with ld.open_runtime(ld.fuse(model), "torch", device="cuda", precision=precision, cuda_graph=graph) as rt:
+    with ld.open_runtime(ld.fuse(model), "torch", device="cuda", compute=precision, cuda_graph=graph) as rt:
         report = compare(reference, rt, precision)
         assert report.passed, report.summary()
         x = torch.from_numpy(reference.inputs).cuda()
@@ -85,6 +85,6 @@ def test_tensorrt_engine_refused_on_another_gpu(model, tmp_path):
     ld.export(model, "tensorrt", tmp_path, max_batch=8, opt_batch=8)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     with pytest.raises(RuntimeUnavailable, match="Engines are not portable"):
-        from levit_deploy.runtimes.tensorrt import TensorRtRuntime
-        TensorRtRuntime(str(tmp_path / "model.engine"), built_for={"gpu": "Other GPU", "tensorrt": "0"})
+        from levit_deploy.backends.tensorrt import TensorRtRuntime
+        TensorRtRuntime(str(tmp_path / "model.engine"), built_for={"gpu": "Other GPU", "tensorrt": "0"}).activate()
     assert manifest["artifact"]["runtime_options"]["built_for"]["gpu"]

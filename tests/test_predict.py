@@ -206,10 +206,11 @@ def test_labels(tmp_path):
 def test_default_runtime_exports_once_into_the_cache(tmp_path, monkeypatch):
     img = tmp_path / "a.jpg"
     img.write_bytes(synthetic_jpegs(1)[0])
-    import levit_deploy.exporters as exporters
+    import sys
+    export_module = sys.modules["levit_deploy.export"]  # the package's export() shadows the module name
     calls = []
-    real = exporters.export
-    monkeypatch.setattr(exporters, "export", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = export_module.export
+    monkeypatch.setattr(export_module, "export", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     for _ in range(2):
         r = runner.invoke(app, ["predict", str(img), "--init", "random", "--json"])
         assert r.exit_code == 0, r.output
@@ -222,7 +223,7 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, monkeypatch):
 def test_artifact_cache_is_keyed_by_the_weights():
     import torch
 
-    from levit_deploy.exporters import cached_export
+    from levit_deploy.artifacts import cached_export
     a = ld.load("levit_128s", init="random")
     b = ld.load("levit_128s", init="random")
     with torch.no_grad():

@@ -1,21 +1,18 @@
-"""The manifest that travels with every artifact, and atomic file writes.
-
-A manifest says exactly what an artifact is: its file and sha256, the checkpoint it came from,
-versions, export options, the fusion steps, the preprocessing to feed it, its parity report and
-the machine it was checked on. Runtimes refuse an artifact whose hash no longer matches.
+"""Leaf utilities every other module may use: optional imports, the cache folder, hashing, atomic
+writes and the machine fingerprint. Imports nothing from the package.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1  # bump when the manifest's structure changes
 ISA_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8", "asimd", "neon", "sve", "sve2", "bf16", "i8mm", "asimddp")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DNNL_DEFAULT_FPMATH_MODE",
@@ -23,8 +20,27 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DN
                "TORCH_MKLDNN_MATMUL_MIN_DIM", "OMP_PROC_BIND", "KMP_AFFINITY")
 
 
-class ManifestError(Exception):
-    """A missing, unreadable or inconsistent manifest, or an artifact that does not match it."""
+class MissingDependency(ImportError):
+    """An optional package is not installed; the message is the one line telling how to get it."""
+
+
+def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
+    """Import an optional package, or raise MissingDependency naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        raise MissingDependency(f"{purpose} needs the '{top}' package ({e.msg}): "
+                                f"pip install 'levit-deploy[{extra or top}]'") from None
+
+
+def cache_dir() -> Path:
+    """Where downloads and cached exports live: $LEVIT_DEPLOY_CACHE, else $XDG_CACHE_HOME/levit-deploy,
+    else ~/.cache/levit-deploy."""
+    if os.environ.get("LEVIT_DEPLOY_CACHE"):
+        return Path(os.environ["LEVIT_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "levit-deploy"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -35,8 +51,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask (0644 usually)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename: readers see the old file or the new one."""
+    """Write via a temp file in the same folder and rename: readers see the old file or the new one.
+
+    The file gets the mode ``open()`` would give it (mkstemp alone makes it 0600, which would lock a
+    service account that can read the rest of an artifact out of its manifest).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -44,6 +71,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,7 +80,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def package_versions(*names: str) -> dict[str, str | None]:
@@ -91,39 +119,3 @@ def fingerprint(threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
     }
-
-
-def is_artifact(path: str | Path) -> bool:
-    """True for a folder written by ``export`` (it holds a manifest.json)."""
-    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
-
-
-def read_manifest(path: str | Path) -> tuple[dict, Path]:
-    """(manifest, folder) for an artifact folder, a manifest file, or a file inside an artifact folder."""
-    path = Path(path)
-    candidates = [path / MANIFEST_NAME] if path.is_dir() else [path] if path.name == MANIFEST_NAME \
-        else [path.parent / MANIFEST_NAME]
-    mpath = candidates[0]
-    if not mpath.is_file():
-        raise ManifestError(f"{path}: no {MANIFEST_NAME} found at {mpath}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"{mpath}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or "artifact" not in manifest:
-        raise ManifestError(f"{mpath}: not a levit-deploy manifest (no 'artifact' entry)")
-    return manifest, mpath.parent
-
-
-def verify_artifact(manifest: dict, folder: Path) -> Path:
-    """Path of the artifact's main file after checking every listed file's sha256."""
-    files = manifest["artifact"].get("files", {})
-    for name, expected in files.items():
-        f = folder / name
-        if not f.is_file():
-            raise ManifestError(f"{f}: listed in the manifest but missing")
-        actual = sha256_file(f)
-        if actual != expected:
-            raise ManifestError(f"{f}: sha256 {actual[:16]}… does not match the manifest's {expected[:16]}…; "
-                                f"the artifact was modified or replaced after export. Re-export it.")
-    return folder / manifest["artifact"]["file"]

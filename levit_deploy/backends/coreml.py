@@ -1,24 +1,39 @@
-"""CoreML ML Program (.mlpackage) through torch.jit.trace, coremltools' recommended path.
+"""CoreML ML Program (.mlpackage) through torch.jit.trace, coremltools' recommended path, run by Core ML.
 
 Options: an image input (``ct.ImageType``, 0-255 RGB) with the ImageNet normalisation done inside
 the model (CoreML's ImageType has one scale for all channels, ImageNet std has three, so the exact
 per-channel step is a layer), and class labels (``ct.ClassifierConfig``; the output is then softmax
-probabilities). CoreML predicts only on macOS: on other systems the package is validated
-structurally and numeric parity is recorded as pending, to be run by ``levit-deploy parity``.
+probabilities, and the runtime returns log-probabilities). CoreML predicts only on macOS: on other
+systems the package is validated structurally and numeric parity is recorded as pending, to be run by
+``levit-deploy parity`` on a Mac.
 """
 from __future__ import annotations
 
 import platform
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..artifacts import StagedArtifact
+from ..labels import load_labels, unique_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from ..runtimes.base import require
-from . import ExportError, ExportOptions, StagedArtifact
+from .base import Backend, ExportError, Runtime, RuntimeUnavailable
 
 PACKAGE = "model.mlpackage"
+
+
+@dataclass
+class CoremlOptions:
+    image_input: bool = field(default=False, metadata={"help": "take a 224x224 RGB image (0-255); the ImageNet "
+                                                               "normalisation runs inside the model"})
+    labels: bool = field(default=False, metadata={"help": "embed class labels (ClassifierConfig): outputs "
+                                                          "probabilities and the top class"})
+    label_file: str | None = field(default=None, metadata={"help": "class names, one per line (default: ImageNet "
+                                                                   "for 1000 classes)"})
+    min_target: str = field(default="macOS13", metadata={"help": "minimum deployment target (macOS13, iOS16, ...)"})
 
 
 class NormalisedInput(torch.nn.Module):
@@ -53,13 +68,11 @@ def target(ct, name: str):
         raise ExportError(f"unknown CoreML deployment target {name!r}; choose one of {known}") from None
 
 
-def write(model: torch.nn.Module, staging: Path, opts: ExportOptions) -> StagedArtifact:
-    ct = require("coremltools", "CoreML export")
-    if opts.precision not in ("fp32", "fp16"):
-        raise ExportError(f"CoreML export supports fp32 and fp16, not {opts.precision}")
-    image_input = bool(opts.extra.get("image_input"))
-    labels = bool(opts.extra.get("labels"))
-    min_target = target(ct, opts.extra.get("min_target") or "macOS13")
+def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
+    ct = BACKEND.require("CoreML export")
+    options: CoremlOptions = opts.target
+    image_input, labels = options.image_input, options.labels
+    min_target = target(ct, options.min_target)
     size = model.config.img_size
     wrapped = NormalisedInput(model, labels) if image_input else Probabilities(model) if labels else model
     with warnings.catch_warnings():
@@ -74,9 +87,7 @@ def write(model: torch.nn.Module, staging: Path, opts: ExportOptions) -> StagedA
         inputs = [ct.TensorType(name="pixel_values", shape=ct.Shape((batch, 3, size, size)))]
     classifier = None
     if labels:
-        from ..labels import load_labels
-        names = load_labels(opts.extra.get("label_file"), model.config.num_classes)
-        classifier = ct.ClassifierConfig(names)
+        classifier = ct.ClassifierConfig(class_names(options.label_file, model.config.num_classes))
     precision = ct.precision.FLOAT32 if opts.precision == "fp32" else ct.precision.FLOAT16
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -91,13 +102,19 @@ def write(model: torch.nn.Module, staging: Path, opts: ExportOptions) -> StagedA
         f"({checks['op_count']} ops, all supported for {min_target.name}); run `levit-deploy parity` on a Mac")
     details = {"coreml": {"min_target": min_target.name, "image_input": image_input, "labels": labels, **checks},
                "coremltools": ct.__version__}
-    return StagedArtifact(file=PACKAGE, runtime="coreml", details=details, parity_pending=pending,
-                          runtime_options={"image_input": image_input, "labels": labels})
+    return StagedArtifact(file=PACKAGE, details=details, parity_pending=pending,
+                          runtime_options={"image_input": image_input, "labels": labels,
+                                           "label_file": options.label_file})
+
+
+def class_names(label_file: str | None, num_classes: int) -> list[str]:
+    """The classifier's class names in class-index order, unique (the package keys probabilities by name)."""
+    return unique_labels(load_labels(label_file, num_classes))
 
 
 def validate_package(path: Path, min_target, image_input: bool, labels: bool, config) -> dict:
     """Load the package spec and check names, types, shapes and that every op exists for the target."""
-    ct = require("coremltools", "CoreML validation")
+    ct = BACKEND.require("CoreML validation")
     from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
@@ -135,3 +152,68 @@ def validate_package(path: Path, min_target, image_input: bool, labels: bool, co
         raise ExportError(f"CoreML package failed validation: {'; '.join(problems)}")
     return {"op_count": len(ops), "op_types": sorted(set(ops)), "spec_version": spec.specificationVersion,
             "inputs": list(inputs), "outputs": list(outputs)}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+class CoreMlRuntime(Runtime):
+    """Core ML on macOS. A classifier package (labels) answers probabilities: ``infer`` returns their logs,
+    and ``output_transform`` maps reference logits into the same space for parity."""
+
+    name = "coreml"
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
+                 compute: str | None = None, input_spec=None, manifest=None, image_input: bool = False,
+                 labels: bool = False, label_file: str | None = None, compute_units: str | None = None):
+        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
+        if platform.system() != "Darwin":
+            raise RuntimeUnavailable(f"coreml runtime: Core ML predicts only on macOS, this is {platform.system()}; "
+                                     f"the package was validated structurally at export")
+        self.units = compute_units or ("CPU_ONLY" if device == "cpu" else "ALL")
+        self.image_input, self.labels, self.label_file = image_input, labels, label_file
+        self.output_transform = log_softmax if labels else None
+
+    def _open(self) -> None:
+        ct = BACKEND.require("the 'coreml' runtime")
+        self.model = ct.models.MLModel(self.path, compute_units=getattr(ct.ComputeUnit, self.units))
+        spec = self.model.get_spec().description
+        self.input_name = spec.input[0].name
+        self.prob_name = spec.predictedProbabilitiesName
+        if self.labels:
+            classes = self.manifest["model"]["num_classes"] if self.manifest else 1000
+            self.classes = class_names(self.label_file, classes)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        if self.image_input:
+            return np.concatenate([self._predict_image(img) for img in x])
+        if self.labels:  # classifier packages answer one input at a time
+            return np.concatenate([self._log_probs(self.model.predict({self.input_name: x[i:i + 1]}))
+                                   for i in range(len(x))])
+        return np.asarray(self.model.predict({self.input_name: x})["logits"], dtype=np.float32)
+
+    def _predict_image(self, chw: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        rgb = (chw.transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255
+        img = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+        out = self.model.predict({self.input_name: img})
+        return self._log_probs(out) if self.labels else np.asarray(out["logits"], np.float32).reshape(1, -1)
+
+    def _log_probs(self, out: dict) -> np.ndarray:
+        probs = out[self.prob_name]
+        return np.log(np.maximum(np.array([[probs[c] for c in self.classes]], np.float64), 1e-45)).astype(np.float32)
+
+    def _info(self) -> dict:
+        return {"compute_units": self.units, "image_input": self.image_input, "labels": self.labels}
+
+    def _close(self) -> None:
+        self.model = None
+
+
+BACKEND = Backend(
+    name="coreml", runtime="coreml", description="Core ML ML Program (.mlpackage), run by Core ML on macOS",
+    runtime_class=CoreMlRuntime, module="coremltools", extra="coreml", packages=("coremltools",),
+    suffixes=(".mlpackage",), precisions=("fp32", "fp16"), options=CoremlOptions, write=write, needs="macos")

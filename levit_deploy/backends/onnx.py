@@ -1,0 +1,176 @@
+"""ONNX: the fused model through torch.onnx (batch axis dynamic or fixed, 224x224 fixed), simplified and
+checked clean, run by ONNX Runtime (CPU by default; CUDA and TensorRT execution providers on request)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import StagedArtifact
+from ..env import require
+from .base import Backend, ExportError, Runtime, RuntimeUnavailable
+
+MIN_OPSET = 13  # strided slicing (the shrink-attention subsample) needs 13+
+DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter implements 18 and later
+FORBIDDEN_OPS = {"BatchNormalization", "Dropout", "GatherND", "ScatterND", "If", "Loop"}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+@dataclass
+class OnnxOptions:
+    opset: int = field(default=18, metadata={"help": "ONNX opset: 18+ uses the torch.export exporter, 13-17 the "
+                                                     "TorchScript one"})
+    simplify: bool = field(default=True, metadata={"help": "simplify the graph with onnxsim when installed"})
+
+
+class Float16Graph(torch.nn.Module):
+    """fp16 weights and compute behind a float32 interface: the graph casts on the way in and out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.half()
+        self.config = model.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def _torch_export(model: torch.nn.Module, path: Path, precision: str, batch, opset: int) -> None:
+    if precision == "fp16":
+        model = Float16Graph(copy.deepcopy(model))
+    example = torch.randn(2 if batch == "dynamic" else int(batch), 3, model.config.img_size, model.config.img_size)
+    common = dict(input_names=["pixel_values"], output_names=["logits"], opset_version=opset)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if opset >= DYNAMO_MIN_OPSET:
+            shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if batch == "dynamic" else None
+            torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
+                              external_data=False, verbose=False, **common)
+        else:  # the TorchScript exporter, for older runtimes that need opset 13-17
+            axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if batch == "dynamic" else None
+            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
+
+
+def check_graph(graph) -> dict[str, int]:
+    """Op histogram; raises ExportError on ops a deploy graph must not contain."""
+    ops = Counter(node.op_type for node in graph.node)
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer if i.data_type in (6, 7)}  # INT32, INT64
+    gathers = [n.name for n in graph.node if n.op_type == "Gather" and len(n.input) > 1 and sizes.get(n.input[1], 0) > 1]
+    bad = sorted(set(ops) & FORBIDDEN_OPS)
+    if bad or gathers:
+        raise ExportError(f"exported graph is not deploy-clean: forbidden ops {bad}, index-table gathers "
+                          f"{gathers[:3]}")
+    return dict(sorted(ops.items()))
+
+
+def write_onnx(model: torch.nn.Module, staging: Path, precision: str = "fp32", batch="dynamic",
+               options: OnnxOptions | None = None) -> StagedArtifact:
+    """model.onnx in ``staging``; also the first step of the backends that convert from ONNX."""
+    onnx = require("onnx", "ONNX export", "onnx")
+    require("onnxscript", "ONNX export", "onnx")
+    options = options or OnnxOptions()
+    if options.opset < MIN_OPSET:
+        raise ExportError(f"opset {options.opset} is too old: LeViT's stride-2 token subsampling needs "
+                          f"opset >= {MIN_OPSET}")
+    path = staging / "model.onnx"
+    _torch_export(model, path, precision, batch, options.opset)
+    proto = onnx.load(str(path))
+    notes, simplified = [], False
+    if options.simplify:
+        try:
+            onnxsim = require("onnxsim", "ONNX simplification", "onnx")
+            with contextlib.redirect_stdout(io.StringIO()):
+                candidate, ok = onnxsim.simplify(proto)
+            if ok:
+                proto, simplified = candidate, True
+            else:
+                notes.append("onnxsim could not validate the simplified graph; kept the unsimplified one")
+        except Exception as e:  # noqa: BLE001 - simplification is an optimisation, never a failure
+            notes.append(f"simplification failed ({type(e).__name__}: {str(e)[:200]}); kept the unsimplified graph")
+    if precision == "fp16":
+        notes.append("weights and compute in float16; input pixel_values and output logits stay float32")
+    ops = check_graph(proto.graph)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    details = {"opset": opset, "simplified": simplified, "ops": ops,
+               "exporter": "torch.onnx (dynamo)" if options.opset >= DYNAMO_MIN_OPSET else "torch.onnx (TorchScript)"}
+    return StagedArtifact(file="model.onnx", details=details, notes=notes)
+
+
+def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
+    return write_onnx(model, staging, opts.precision, opts.batch, opts.target)
+
+
+def write_plain(model: torch.nn.Module, stem: Path) -> Path:
+    """What Optimum or timm's exporter give: the unfused model straight through torch.onnx (written once)."""
+    path = stem.with_suffix(".onnx")
+    if not path.exists():
+        _torch_export(model, path, "fp32", "dynamic", OnnxOptions().opset)
+    return path
+
+
+class OrtRuntime(Runtime):
+    """ONNX Runtime, one session; ``threads`` sets intra-op threads (inter-op 1, sequential)."""
+
+    name = "ort"
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
+                 compute: str | None = None, input_spec=None, manifest=None, provider: str | None = None,
+                 optimization: str = "all", session_config: dict[str, str] | None = None):
+        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
+        if self.compute != precision:
+            raise ValueError(f"ort runs a {precision} graph as it is; export in {self.compute} instead")
+        self.provider = provider or ("cuda" if device.startswith("cuda") else "cpu")
+        self.optimization = optimization
+        self.session_config = dict(session_config or {})
+
+    def _open(self) -> None:
+        ort = BACKEND.require("the 'ort' runtime")
+        wanted = PROVIDERS[self.provider]
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise RuntimeUnavailable(f"ort runtime: {wanted[0]} is not available in this onnxruntime "
+                                     f"(available: {', '.join(available)}); install onnxruntime-gpu for "
+                                     f"CUDA/TensorRT")
+        opts = ort.SessionOptions()
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        opts.graph_optimization_level = levels[self.optimization]
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(self.path, sess_options=opts,
+                                            providers=[p for p in wanted if p in available])
+        self.input_name = self.session.get_inputs()[0].name
+        self.ort_version = ort.__version__
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+
+    def _info(self) -> dict:
+        return {"onnxruntime": self.ort_version, "providers": self.session.get_providers(),
+                "graph_optimization": self.optimization, "session_config": self.session_config}
+
+    def _close(self) -> None:
+        self.session = None
+
+
+BACKEND = Backend(
+    name="onnx", runtime="ort", description="ONNX graph, run by ONNX Runtime", runtime_class=OrtRuntime,
+    module="onnxruntime", extra="onnx", packages=("onnx", "onnxruntime", "onnxsim", "onnxscript"),
+    suffixes=(".onnx",), precisions=("fp32", "fp16"), options=OnnxOptions, write=write, write_plain=write_plain)

@@ -1,0 +1,96 @@
+"""OpenVINO IR (.xml + .bin) converted from the fused, simplified ONNX graph, run by OpenVINO on CPU.
+
+``ov.save_model`` compresses weights to fp16 by default; fp32 passes compress_to_fp16=False so an
+fp32 artifact really holds fp32 weights. On CPUs with AMX or AVX-512 bf16 the CPU plugin runs fp32
+models in bf16 unless told otherwise: here fp32 means fp32 (INFERENCE_PRECISION_HINT=f32) unless the
+caller asks for bf16 compute, and the precision that actually ran (read back from the compiled
+model) is the one parity judges by.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import StagedArtifact
+from .base import Backend, Runtime
+from .onnx import write_onnx
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
+    ov = BACKEND.require("OpenVINO export")
+    onnx_dir = staging / "onnx"
+    onnx_dir.mkdir()
+    # the IR is converted from an fp32 graph; fp16 is a property of how the IR stores its weights
+    staged_onnx = write_onnx(model, onnx_dir, "fp32", opts.batch)
+    batch = -1 if opts.batch == "dynamic" else int(opts.batch)
+    size = model.config.img_size
+    ir = ov.convert_model(str(onnx_dir / staged_onnx.file), input=[("pixel_values", [batch, 3, size, size])])
+    ov.save_model(ir, str(staging / "model.xml"), compress_to_fp16=opts.precision == "fp16")
+    for f in onnx_dir.iterdir():
+        f.unlink()
+    onnx_dir.rmdir()
+    notes = list(staged_onnx.notes)
+    if opts.precision == "fp16":
+        notes.append("weights stored as fp16 (compress_to_fp16=True); the CPU plugin computes in fp32 unless "
+                     "asked for bf16")
+    details = {"ir_weights": "fp16" if opts.precision == "fp16" else "fp32", "openvino": ov.__version__,
+               "converted_from": f"fused ONNX opset {staged_onnx.details['opset']}"}
+    return StagedArtifact(file="model.xml", details=details, notes=notes, extra_files=["model.bin"])
+
+
+@lru_cache(maxsize=1)
+def shared_core():
+    """One ov.Core per process: creating many crashes OpenVINO (a segfault after a few dozen, seen in
+    this test suite and in ultralytics/ultralytics#25864)."""
+    return BACKEND.require("the 'openvino' runtime").Core()
+
+
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
+                 compute: str | None = None, input_spec=None, manifest=None, performance_hint: str = "LATENCY"):
+        # an fp16 IR stores fp16 weights but computes in fp32 unless asked otherwise
+        super().__init__(path, device, threads, precision, compute or "fp32", input_spec, manifest)
+        if self.compute not in HINTS:
+            raise ValueError(f"openvino computes in fp32, bf16 or fp16, not {self.compute!r}")
+        self.ov_device = {"cpu": "CPU", "gpu": "GPU"}.get(device, device.upper())
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": performance_hint,
+                       "NUM_STREAMS": 1}
+        if threads is not None and self.ov_device == "CPU":
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.exported_precision = precision
+
+    def _open(self) -> None:
+        ov = BACKEND.require("the 'openvino' runtime")
+        self.compiled = shared_core().compile_model(self.path, self.ov_device, self.config)
+        self.request = self.compiled.create_infer_request()
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        names = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
+        self.inference_precision = names.get(ran, str(ran))
+        # parity follows what ran: bf16 compute, or fp16-stored weights, are judged as half precision
+        self.precision = self.inference_precision if self.inference_precision != "fp32" else self.exported_precision
+        self.ov_version = ov.__version__
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+
+    def _info(self) -> dict:
+        threads = self.compiled.get_property("INFERENCE_NUM_THREADS") if self.ov_device == "CPU" else None
+        return {"openvino": self.ov_version, "device": self.ov_device, "threads": threads,
+                "inference_precision": self.inference_precision, "config": self.config}
+
+    def _close(self) -> None:
+        self.request = self.compiled = None
+
+
+BACKEND = Backend(
+    name="openvino", runtime="openvino", description="OpenVINO IR, run by OpenVINO on CPU",
+    runtime_class=OpenVinoRuntime, module="openvino", extra="openvino", packages=("openvino",),
+    suffixes=(".xml",), precisions=("fp32", "fp16"), compute_precisions=("fp32", "bf16", "fp16"), write=write)

@@ -1,0 +1,153 @@
+"""TensorRT engine from the fused ONNX graph (TensorRT 10 Python API), run on a CUDA stream.
+
+An optimisation profile spans the batch axis (1 .. max, tuned for opt), precision flags follow
+--precision (fp32 also turns TF32 off, so fp32 means fp32), and a timing cache per GPU and TensorRT
+version is reused across builds. An engine is only valid on the GPU model and TensorRT version it
+was built with; both are recorded, and the runtime refuses anything else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifacts import StagedArtifact
+from ..env import cache_dir, write_atomic
+from .base import Backend, ExportError, Runtime, RuntimeUnavailable
+from .onnx import write_onnx
+
+WORKSPACE_BYTES = 4 << 30
+
+
+@dataclass
+class TensorrtOptions:
+    max_batch: int = field(default=256, metadata={"help": "largest batch of the optimisation profile"})
+    opt_batch: int = field(default=64, metadata={"help": "batch the engine is tuned for"})
+
+
+def gpu_identity() -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable("TensorRT needs an NVIDIA GPU, and PyTorch sees no CUDA device on this machine")
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
+    trt = BACKEND.require("TensorRT export")
+    identity = gpu_identity()
+    if opts.batch == "dynamic":
+        max_batch = opts.target.max_batch
+        opt_batch = min(opts.target.opt_batch, max_batch)
+    else:
+        max_batch = opt_batch = int(opts.batch)
+    onnx_dir = staging / "onnx"
+    onnx_dir.mkdir()
+    staged = write_onnx(model, onnx_dir, "fp32", "dynamic")
+    onnx_bytes = (onnx_dir / staged.file).read_bytes()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse the fused ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if opts.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    else:
+        config.set_flag(trt.BuilderFlag.FP16 if opts.precision == "fp16" else trt.BuilderFlag.BF16)
+    size = model.config.img_size
+    profile = builder.create_optimization_profile()
+    profile.set_shape("pixel_values", (1, 3, size, size), (opt_batch, 3, size, size), (max_batch, 3, size, size))
+    config.add_optimization_profile(profile)
+    cache_file = cache_dir() / "tensorrt" / f"timing-{identity['gpu'].replace(' ', '_')}-trt{trt.__version__}.cache"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    timing = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError("TensorRT failed to build the engine (see the TensorRT log above)")
+    (staging / "model.engine").write_bytes(bytes(engine))
+    write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
+    for f in onnx_dir.iterdir():
+        f.unlink()
+    onnx_dir.rmdir()
+    details = {**identity, "tensorrt": trt.__version__, "profile": {"min": 1, "opt": opt_batch, "max": max_batch},
+               "timing_cache": str(cache_file)}
+    return StagedArtifact(file="model.engine", details=details,
+                          runtime_options={"built_for": {"gpu": identity["gpu"], "tensorrt": trt.__version__}})
+
+
+class TensorRtRuntime(Runtime):
+    """A deserialised engine bound by tensor address on a CUDA stream; CUDA memory and streams come from
+    PyTorch (already a dependency), so no cuda-python is needed."""
+
+    name = "tensorrt"
+    accepts_device_tensors = True
+
+    def __init__(self, path, device: str = "cuda", threads: int | None = None, precision: str = "fp32",
+                 compute: str | None = None, input_spec=None, manifest=None, built_for: dict | None = None):
+        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
+        self.built_for = built_for
+
+    def _open(self) -> None:
+        trt = BACKEND.require("the 'tensorrt' runtime")
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("tensorrt runtime: no CUDA GPU visible to PyTorch on this machine")
+        gpu = torch.cuda.get_device_name(0)
+        built_for = self.built_for
+        if built_for and (built_for.get("gpu") != gpu or built_for.get("tensorrt") != trt.__version__):
+            raise RuntimeUnavailable(f"{self.path}: engine built for {built_for.get('gpu')} with TensorRT "
+                                     f"{built_for.get('tensorrt')}; this machine has {gpu} with TensorRT "
+                                     f"{trt.__version__}. Engines are not portable: re-export it here")
+        self.trt, self.gpu = trt, gpu
+        with open(self.path, "rb") as f:
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise RuntimeUnavailable(f"{self.path}: TensorRT could not deserialise the engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        lo, opt, hi = self.engine.get_tensor_profile_shape(self.input, 0)
+        self.min_batch, self.opt_batch, self.max_batch = lo[0], opt[0], hi[0]
+        self.stream = torch.cuda.Stream()
+
+    def _infer(self, x):
+        """numpy in -> numpy out; a CUDA tensor in -> CUDA tensor out (no host copies, for benchmarks)."""
+        on_device = isinstance(x, torch.Tensor)
+        if not on_device:
+            x = torch.from_numpy(x)
+        b = x.shape[0]
+        if not self.min_batch <= b <= self.max_batch:
+            raise ValueError(f"batch {b} is outside the engine's profile [{self.min_batch}, {self.max_batch}]; "
+                             f"re-export with --max-batch")
+        inp = x.to("cuda", torch.float32, non_blocking=True).contiguous()
+        out_shape = (b, *self.engine.get_tensor_shape(self.output)[1:])
+        out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        self.context.set_input_shape(self.input, tuple(inp.shape))
+        self.context.set_tensor_address(self.input, inp.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return out if on_device else out.cpu().numpy()
+
+    def _info(self) -> dict:
+        return {"tensorrt": self.trt.__version__, "gpu": self.gpu,
+                "profile": [self.min_batch, self.opt_batch, self.max_batch]}
+
+    def _close(self) -> None:
+        self.context = self.engine = None
+        torch.cuda.empty_cache()
+
+
+BACKEND = Backend(
+    name="tensorrt", runtime="tensorrt", description="TensorRT engine for one NVIDIA GPU model",
+    runtime_class=TensorRtRuntime, module="tensorrt", extra="tensorrt", packages=("onnx", "tensorrt"),
+    suffixes=(".engine", ".plan"), precisions=("fp32", "fp16", "bf16"), options=TensorrtOptions, write=write,
+    needs="gpu")

@@ -1,0 +1,158 @@
+"""Export: fuse (checked step by step) -> the backend writes into staging -> the parity gate -> rename.
+
+The flow is the same for every target; what differs lives in the target's backend module. The
+staged artifact runs in its runtime and is judged against the reference set; only if it passes are
+the files renamed into place, the manifest last (see :mod:`levit_deploy.artifacts`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .artifacts import FORMAT_VERSION, Artifact, StagedArtifact, hash_tree, publish, staging
+from .backends import get_backend
+from .backends.base import ExportError
+from .env import fingerprint, package_versions, write_json_atomic
+from .fuse import fuse_checked
+from .models import Levit, count_flops, count_parameters
+from .parity import ParityReport, ReferenceSet, build_reference_set, compare
+from .preprocess import spec_for_model
+
+__all__ = ["export", "ExportError", "ExportParityError", "ExportOptions"]
+
+
+class ExportParityError(ExportError):
+    """The artifact was produced but disagrees with the reference; it was not kept."""
+
+    def __init__(self, report: ParityReport, report_path: Path):
+        super().__init__(f"parity gate failed, artifact discarded: {report.summary()} "
+                         f"(full report: {report_path})")
+        self.report = report
+
+
+@dataclass
+class ExportOptions:
+    """What every target is given: the precision, the batch contract and the target's own options."""
+
+    precision: str = "fp32"
+    batch: str | int = "dynamic"
+    target: Any = None  # the backend's own options dataclass (None if it has none)
+
+
+class _FixedBatch:
+    """A runtime fed in chunks of the artifact's batch size (the last one zero-padded) for the gate."""
+
+    def __init__(self, runtime, batch: int | None):
+        self.runtime, self.batch = runtime, batch
+        self.output_transform = runtime.output_transform
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.batch is None:
+            return self.runtime.infer(x)
+        outs = []
+        for i in range(0, len(x), self.batch):
+            chunk = x[i:i + self.batch]
+            pad = self.batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.runtime.infer(chunk)[:self.batch - pad])
+        return np.concatenate(outs)
+
+
+def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
+           batch: str | int = "dynamic", img_size: int | None = None, reference: ReferenceSet | None = None,
+           images=(), options: dict | None = None, **target_options) -> Artifact:
+    """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
+
+    ``reference``: the model's reference set, if already built; else the default one (bundled photos,
+    noise and synthetic JPEGs) plus every image under ``images``. ``options`` / keyword arguments: the
+    target's own options (e.g. ``opset=17`` for onnx); one the target does not take is refused.
+    """
+    backend = get_backend(to)
+    if backend.write is None:
+        raise ExportError(f"{to} is a runtime without an exporter; export to one of the targets instead")
+    target = backend.parse_options({**(options or {}), **target_options})
+    size = model.config.img_size
+    if img_size is not None and img_size != size:
+        raise ExportError(f"LeViT exports at {size}x{size} only: its attention-bias index tables are built "
+                          f"for a {size // 16}x{size // 16} token grid, so another input size ({img_size}) "
+                          f"cannot run; only the batch axis may be dynamic")
+    if precision not in backend.precisions:
+        raise ExportError(f"{to} export supports {', '.join(backend.precisions)}, not {precision}")
+    if batch != "dynamic" and (not str(batch).isdigit() or int(batch) < 1):
+        raise ExportError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
+    opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target)
+    spec = spec_for_model(model)
+    reference = reference or build_reference_set(model, spec, images=images)
+    fusion = fuse_checked(model, reference)
+    out_dir = Path(out_dir)
+    with staging(out_dir) as folder:
+        staged = backend.write(fusion.model, folder, opts)
+        files = {}
+        for name in staged.names:
+            files.update(hash_tree(folder, name))
+        if staged.parity_pending:
+            parity = {"status": "pending", "reason": staged.parity_pending, "precision": precision}
+        else:
+            report = _gate(backend, staged, folder, opts, reference)
+            parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
+            if not report.passed:
+                failed = out_dir / f"parity-failed-{to}.json"
+                write_json_atomic(failed, parity)
+                raise ExportParityError(report, failed)
+        manifest = _manifest(model, backend, opts, staged, files, sum((folder / f).stat().st_size for f in files),
+                             fusion.reports, spec, parity)
+        publish(staged, folder, out_dir, manifest)
+        stale = out_dir / f"parity-failed-{to}.json"
+        if stale.exists():
+            stale.unlink()
+    return Artifact(out_dir, out_dir / staged.file, manifest)
+
+
+def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, reference: ReferenceSet
+          ) -> ParityReport:
+    """The staged artifact in its runtime, judged against the reference set."""
+    from .backends.base import InputSpec
+
+    fixed = None if opts.batch == "dynamic" else int(opts.batch)
+    runtime = backend.runtime_class(str(folder / staged.file), device="cpu", threads=None, precision=opts.precision,
+                                    input_spec=InputSpec(batch=fixed), **staged.runtime_options)
+    with runtime as rt:
+        return compare(reference, _FixedBatch(rt, fixed), rt.precision, stage=f"{backend.runtime} artifact")
+
+
+def _manifest(model: Levit, backend, opts: ExportOptions, staged: StagedArtifact, files: dict[str, str],
+              size: int, fusion_reports: list[ParityReport], spec, parity: dict) -> dict:
+    info = getattr(model, "load_info", None)
+    cfg = model.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "levit-deploy", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {"format": backend.name, "file": staged.file, "runtime": backend.runtime, "files": files,
+                     "size_bytes": size, "runtime_options": staged.runtime_options, **staged.details},
+        "source": info.to_dict() if info else {"source": "in-memory model"},
+        "model": {"variant": cfg.name, "num_classes": cfg.num_classes, "distilled": cfg.distilled,
+                  "params": count_parameters(model), "flops": count_flops(cfg), "config": cfg.to_dict()},
+        "labels": {"source": "imagenet-1k (bundled with levit-deploy)" if cfg.num_classes == 1000
+                   else "class indices (no names for this head size; pass --labels)"},
+        "export": {"precision": opts.precision, "batch": opts.batch,
+                   "options": asdict(opts.target) if opts.target is not None else {}, "notes": staged.notes},
+        "input": {"name": "pixel_values", "dtype": "float32", "layout": "NCHW",
+                  "shape": ["batch" if opts.batch == "dynamic" else opts.batch, 3, cfg.img_size, cfg.img_size]},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cfg.num_classes],
+                   "meaning": "mean of classifier and distillation heads" if cfg.distilled else "classifier"},
+        "fusion": [{"step": r.stage, "max_abs": r.max_abs, "max_e_over_s": r.max_e_over_s,
+                    "worst_margin": r.worst_margin, "passed": r.passed} for r in fusion_reports],
+        "preprocessing": spec.to_dict(),
+        "parity": parity,
+        "versions": {"levit-deploy": __version__, "torch": package_versions("torch")["torch"],
+                     **package_versions(*backend.packages)},
+        "machine": fingerprint(),
+    }
