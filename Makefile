@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/levit-deploy export levit_128s --to onnx --init random --out out/levit_128s_onnx
 
+# The fast default run: each family's smallest and largest variant (the `slow` marker holds the rest).
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The full matrix: every variant of every family (what CI runs).
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -121,8 +121,9 @@ class Emulator:
         if not shutil.which("apt-get") or not shutil.which("dpkg"):
             raise Arm64Error("arm64 setup needs apt-get and dpkg (a Debian or Ubuntu host) to fetch Debian's "
                              "arm64 packages")
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for child in self.root.iterdir():  # empty it (the root itself may be a link to a shared folder)
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         work = self.root / "download"
         lists, cache, debs, wheels = work / "lists", work / "cache", work / "debs", work / "wheels"
         for d in (lists / "partial", cache / "archives" / "partial", debs, wheels, self.sysroot, self.site):

@@ -8,7 +8,6 @@ expected. Pretrained weights are downloaded once into a cache and verified by sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -285,7 +284,7 @@ def to_canonical(sd: dict[str, torch.Tensor], layout: str, config: LevitConfig, 
 
 def from_canonical(canonical: dict[str, torch.Tensor], layout: str, config: LevitConfig,
                    mode: str = "linear") -> dict[str, torch.Tensor]:
-    """Our state dict written in another layout (unfused layouts only): used to convert checkpoints."""
+    """Our state dict written in another layout (unfused layouts only), as that layout's own code saves it."""
     if layout not in ("official", "timm", "hf"):
         raise ValueError(f"cannot write layout {layout!r}; choose official, timm or hf")
     out: dict[str, torch.Tensor] = {}
@@ -461,17 +460,9 @@ def load(name_or_path: str | os.PathLike, weights: str | os.PathLike | None = No
 
 
 def _load_path(path: Path, variant: str | None, num_classes: int | None) -> Levit:
-    folder_config = None
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            try:
-                folder_config = json.loads((path / "config.json").read_text())
-            except ValueError as e:
-                raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if path.is_dir():  # a Hugging Face or timm hub folder: the weights file decides, not config.json
         path = find_weights_file(path)
     sd, fmt = read_state_dict(path)
     model = build_from_state_dict(sd, str(path), fmt, variant, num_classes)
     model.load_info.sha256 = sha256_file(path)
-    if folder_config and folder_config.get("id2label"):
-        model.load_info.notes.append("class names available in config.json id2label")
     return model

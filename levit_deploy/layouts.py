@@ -4,7 +4,7 @@ A LeViT state dict is a list of *units*: a conv+BN or linear+BN pair, an attenti
 BN+linear head. Each unit has one canonical prefix (our module path) and one prefix per layout; the
 suffixes inside a unit differ per layout too. Everything here is pure naming: no tensors.
 
-Layouts (see shared/levit_formats.md section 3):
+Layouts (see docs/formats.md):
 - ``official``: facebookresearch/LeViT ``levit.py`` (``patch_embed.0.c.weight``, ``blocks.{j}.m.qkv``)
 - ``official_fused``: the same after ``utils.replace_batchnorm`` (``patch_embed.0.weight/bias``)
 - ``timm``: ``stem.conv1.linear.weight``, ``stages.{s}.blocks.{b}.attn.qkv``; conv mode uses the same names

@@ -150,7 +150,7 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Centre crop as torchvision: offsets int(round((dim - size) / 2))."""
     w, h = img.size
-    if w < size or h < size:  # smaller than the crop: pad with the background like torchvision pads zeros
+    if w < size or h < size:  # smaller than the crop: pad with black (zeros), as torchvision's CenterCrop does
         padded = Image.new("RGB", (max(w, size), max(h, size)), (0, 0, 0))
         padded.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
         img, (w, h) = padded, padded.size

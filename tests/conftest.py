@@ -1,4 +1,9 @@
+"""Shared fixtures. Expensive things are built once per session: trained-like checkpoints, reference sets
+and exported artifacts (copy an artifact before tampering with it). The levit-deploy cache is one fresh
+folder per session, except for the ARM64 sysroot, which persists between runs (`tests/.cache`, or
+$LEVIT_DEPLOY_TEST_CACHE); a test about caching itself takes the per-test ``fresh_cache``."""
 import os
+import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -13,21 +18,64 @@ from layouts_ref import hf_model, hf_state_dict, write_layout  # noqa: E402
 from trained_like import make_trained_like_  # noqa: E402
 
 SHARED_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "levit_128s_trained_like.pth"
+PERSISTENT_CACHE = Path(os.environ.get("LEVIT_DEPLOY_TEST_CACHE", Path(__file__).parent / ".cache"))
 
 
-@lru_cache(maxsize=None)
 def trained_like_hf(variant: str, calibration: str = "smooth", seed: int = 0, num_classes: int = 1000,
                     distilled: bool = True):
     """A Hugging Face LeViT with random weights whose BatchNorm statistics come from ``calibration``
-    images (see trained_like.py). Cached for the session: treat it as read-only."""
+    images (see trained_like.py). Cached for the session: treat it as read-only.
+
+    Built once per argument set, however it is called: the calibration forward is so sensitive that a
+    rebuild under another thread count gives BatchNorm statistics whose model differs by 1e-3·s."""
+    return _trained_like_hf(variant, calibration, seed, num_classes, distilled)
+
+
+@lru_cache(maxsize=None)
+def _trained_like_hf(variant, calibration, seed, num_classes, distilled):
     model = hf_model(variant, seed=seed, num_classes=num_classes, distilled=distilled)
     return make_trained_like_(model, calibration, n=32, seed=seed)
+
+
+@lru_cache(maxsize=None)
+def trained_like_model(variant: str, seed: int = 0):
+    """Our reference model loaded from the trained-like checkpoint (HF naming). Read-only."""
+    from levit_deploy.checkpoints import build_from_state_dict
+
+    return build_from_state_dict(hf_state_dict(trained_like_hf(variant, seed=seed)), "hf")
+
+
+@lru_cache(maxsize=None)
+def trained_like_reference(variant: str, seed: int = 0):
+    """The default reference set of ``trained_like_model(variant, seed)``, floors included."""
+    from levit_deploy.parity import build_reference_set
+
+    return build_reference_set(trained_like_model(variant, seed))
 
 
 def trained_like_checkpoint(folder: Path, variant: str, layout: str = "official", fmt: str = "safetensors",
                             **kwargs) -> Path:
     """A trained-like checkpoint file (or HF folder) of ``variant`` in ``layout``, written into ``folder``."""
     return write_layout(folder, hf_state_dict(trained_like_hf(variant, **kwargs)), layout, fmt)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One levit-deploy cache per session; the ARM64 sysroot inside it persists between runs."""
+    cache = tmp_path_factory.mktemp("levit-deploy-cache")
+    (PERSISTENT_CACHE / "arm64").mkdir(parents=True, exist_ok=True)
+    (cache / "arm64").symlink_to(PERSISTENT_CACHE / "arm64", target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEVIT_DEPLOY_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache for a test about caching itself (downloads, the export cache)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LEVIT_DEPLOY_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +92,42 @@ def trained_128s_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_128s(trained_128s_path):
+    """The trained-like LeViT-128S loaded from its official-layout file, as a user would."""
+    import levit_deploy as ld
+
+    return ld.load(trained_128s_path)
+
+
+@pytest.fixture(scope="session")
+def reference_128s(model_128s):
+    from levit_deploy.parity import build_reference_set
+
+    return build_reference_set(model_128s)
+
+
+@pytest.fixture(scope="session")
+def artifact_128s(tmp_path_factory, model_128s, reference_128s):
+    """artifact_128s(target): the trained-like LeViT-128S exported to ``target`` once per session.
+    Read-only: copy it (``copy_artifact``) before changing anything."""
+    import levit_deploy as ld
+
+    made = {}
+
+    def get(target: str):
+        if target not in made:
+            made[target] = ld.export(model_128s, target, tmp_path_factory.mktemp(f"artifact-{target}"),
+                                     reference=reference_128s)
+        return made[target]
+    return get
+
+
+def copy_artifact(artifact, folder: Path) -> Path:
+    shutil.copytree(artifact.folder, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def shared_checkpoint():
     """The project's common yardstick (../shared/checkpoints), when this checkout has it."""
     if not SHARED_CHECKPOINT.is_file():
@@ -54,9 +138,3 @@ def shared_checkpoint():
 @pytest.fixture(scope="session")
 def pixels():
     return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(7))
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Never touch the user's cache; never reach the network from a test."""
-    monkeypatch.setenv("LEVIT_DEPLOY_CACHE", str(tmp_path / "cache"))

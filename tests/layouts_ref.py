@@ -1,7 +1,7 @@
 """Synthetic checkpoints in the three real layouts, built from Hugging Face's LeViT.
 
 Hugging Face transformers is the independent reference implementation. The timm and official key
-names are produced here by direct renaming written from shared/levit_formats.md, deliberately not
+names are produced here by direct renaming written from the format notes (docs/formats.md), deliberately not
 with levit_deploy's own layout tables, so a mapping mistake in the package cannot hide itself.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def to_timm(sd: dict[str, torch.Tensor], conv_mode: bool = False) -> dict[str, t
 
 
 def bias_idxs(r_in: int, stride: int) -> torch.Tensor:
-    """idx(q, k) = |y_q·stride − y_k|·r_in + |x_q·stride − x_k| (shared/levit_formats.md §1)."""
+    """idx(q, k) = |y_q·stride − y_k|·r_in + |x_q·stride − x_k| (the attention-bias index of the original code)."""
     r_out = (r_in - 1) // stride + 1
     qy, qx = np.divmod(np.arange(r_out * r_out), r_out)
     ky, kx = np.divmod(np.arange(r_in * r_in), r_in)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import trained_like_hf
+from conftest import trained_like_hf, trained_like_reference
 from layouts_ref import fuse_official, hf_logits, hf_model, hf_state_dict, to_official, to_timm, write_layout
 from levit_deploy import checkpoints
 from levit_deploy.checkpoints import CheckpointError, WeightsUnavailable, load
-from levit_deploy.parity import build_reference_set, compare
+from levit_deploy.parity import compare
 from variants import LEVIT
 
 
@@ -24,7 +24,9 @@ def test_every_variant_and_layout_reproduces_hf_logits(tmp_path, variant):
     """Trained-like checkpoints (BatchNorm statistics from real activations) in every layout and format."""
     ref_model = trained_like_hf(variant)
     sd = hf_state_dict(ref_model)
-    unfused = None
+    reference = trained_like_reference(variant)
+    pixels = torch.from_numpy(reference.inputs)
+    expected = hf_logits(ref_model, pixels)
     for layout, fmt in CASES:
         target = write_layout(tmp_path / f"{layout}-{fmt}", sd, layout, fmt)
         model = load(target)
@@ -35,10 +37,6 @@ def test_every_variant_and_layout_reproduces_hf_logits(tmp_path, variant):
         assert info.num_classes == 1000 and info.distilled
         if layout == "official_fused":
             continue  # judged below: folding BatchNorm changes rounding, not the function
-        if unfused is None:
-            unfused, reference = model, build_reference_set(model, noise=2, synthetic=2)
-            pixels = torch.from_numpy(reference.inputs)
-            expected = hf_logits(ref_model, pixels)
         with torch.no_grad():
             ours = model(pixels)
         # unfused layouts copy tensors one to one: bit-identical to Hugging Face's implementation
@@ -193,11 +191,11 @@ def _fake_release(tmp_path, hf_sd, bad_hash=False):
     return named
 
 
-def test_pretrained_download_verifies_and_caches(tmp_path, hf_128s, monkeypatch, pixels):
+def test_pretrained_download_verifies_and_caches(tmp_path, fresh_cache, hf_128s, monkeypatch, pixels):
     release = _fake_release(tmp_path, hf_128s[1])
     monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", release.as_uri())
     model = load("levit_128s")
-    cached = tmp_path / "cache" / "weights" / release.name
+    cached = fresh_cache / "weights" / release.name
     assert cached.is_file() and model.load_info.layout == "official"
     release.unlink()  # the second load must come from the cache
     again = load("levit_128s")
@@ -205,15 +203,15 @@ def test_pretrained_download_verifies_and_caches(tmp_path, hf_128s, monkeypatch,
         assert torch.equal(again(pixels), hf_logits(hf_128s[0], pixels))
 
 
-def test_pretrained_download_with_wrong_hash_is_refused(tmp_path, hf_128s, monkeypatch):
+def test_pretrained_download_with_wrong_hash_is_refused(tmp_path, fresh_cache, hf_128s, monkeypatch):
     release = _fake_release(tmp_path, hf_128s[1], bad_hash=True)
     monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", release.as_uri())
     with pytest.raises(WeightsUnavailable, match="expected a prefix 00000000; refusing"):
         load("levit_128s")
-    assert not list((tmp_path / "cache" / "weights").iterdir())
+    assert not list((fresh_cache / "weights").iterdir())
 
 
-def test_offline_download_says_what_to_do(monkeypatch):
+def test_offline_download_says_what_to_do(fresh_cache, monkeypatch):
     monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", "http://127.0.0.1:9/LeViT-128S-96703c44.pth")
     with pytest.raises(WeightsUnavailable, match="Pass --weights PATH"):
         load("levit_128s")

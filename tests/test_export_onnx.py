@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import levit_deploy as ld
-from levit_deploy.checkpoints import build_from_state_dict
 from levit_deploy.cli import app
 from levit_deploy.artifacts import ManifestError
 from levit_deploy.backends import ExportError
@@ -18,26 +17,22 @@ from levit_deploy.env import MissingDependency, sha256_file
 from levit_deploy.export import ExportParityError
 from levit_deploy.parity import build_reference_set, compare, random_inputs
 
-from conftest import trained_like_checkpoint, trained_like_hf
-from layouts_ref import hf_state_dict, to_timm
+from conftest import copy_artifact, trained_like_checkpoint, trained_like_hf, trained_like_model, trained_like_reference
+from layouts_ref import to_timm
 from variants import LEVIT
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def exported_128s(tmp_path_factory, trained_128s_path):
-    """A trained-like LeViT-128S (official layout), loaded as a user would, and its ONNX artifact."""
-    model = ld.load(trained_128s_path)
-    reference = build_reference_set(model)
-    out = tmp_path_factory.mktemp("onnx128s")
-    return model, ld.export(model, "onnx", out, reference=reference), reference
+def exported_128s(model_128s, reference_128s, artifact_128s):
+    """A trained-like LeViT-128S (official layout), loaded as a user would, its ONNX artifact, its reference set."""
+    return model_128s, artifact_128s("onnx"), reference_128s
 
 
 @pytest.mark.parametrize("name", LEVIT)
 def test_every_variant_exports_and_matches_in_ort(tmp_path, name):
-    model = build_from_state_dict(hf_state_dict(trained_like_hf(name)), "hf")
-    reference = build_reference_set(model)
+    model, reference = trained_like_model(name), trained_like_reference(name)
     artifact = ld.export(model, "onnx", tmp_path, reference=reference)
     p = artifact.manifest["parity"]
     assert p["status"] == "passed" and p["worst_margin"] <= 1 and p["inputs"] == reference.describe()
@@ -104,10 +99,7 @@ def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
 
 def test_tampered_artifact_is_refused(exported_128s, tmp_path):
     _, artifact, _ = exported_128s
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in artifact.folder.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_artifact(artifact, tmp_path / "copy")
     data = bytearray((copy / "model.onnx").read_bytes())
     data[-100] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
@@ -178,10 +170,8 @@ def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
 def _scaled_copy(artifact, folder, factor: float, initializer: str = "stem.0.weight"):
     """The artifact with one weight tensor scaled and its manifest re-hashed: what a buggy converter whose
     output escaped the gate would leave (an older tool version, a hand-edited graph)."""
-    import shutil
-
     import onnx.numpy_helper as nh
-    shutil.copytree(artifact.folder, folder)
+    copy_artifact(artifact, folder)
     proto = onnx.load(str(folder / "model.onnx"))
     init = next(i for i in proto.graph.initializer if i.name == initializer)
     init.CopyFrom(nh.from_array((nh.to_array(init).astype(np.float64) * factor).astype(np.float32), initializer))

@@ -8,10 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import trained_like_hf
-from layouts_ref import hf_state_dict
+from conftest import trained_like_model, trained_like_reference
 from levit_deploy import fuse
-from levit_deploy.checkpoints import build_from_state_dict
 from levit_deploy.fuse import FusionError, fuse_checked
 from levit_deploy.models import levit as levit_mod
 from levit_deploy.parity import ReferenceSet, build_reference_set, compare
@@ -19,24 +17,9 @@ from trained_like import smooth_images
 from variants import LEVIT
 
 
-def trained_model(variant: str, **kwargs):
-    return build_from_state_dict(hf_state_dict(trained_like_hf(variant, **kwargs)), "hf")
-
-
-@pytest.fixture(scope="module")
-def model_128s():
-    return trained_model("levit_128s")
-
-
-@pytest.fixture(scope="module")
-def reference_128s(model_128s):
-    return build_reference_set(model_128s)
-
-
 @pytest.mark.parametrize("name", LEVIT)
 def test_every_step_passes_the_rule_on_a_trained_like_checkpoint(name):
-    model = trained_model(name)
-    reference = build_reference_set(model)
+    model, reference = trained_like_model(name), trained_like_reference(name)
     result = fuse_checked(model, reference)
     assert [r.stage for r in result.reports][-1] == "DeployLevit" and len(result.reports) == 5
     assert all(r.passed for r in result.reports), [r.summary() for r in result.reports]
@@ -141,7 +124,7 @@ def test_a_scaled_weight_is_caught_and_rounding_noise_is_not(model_128s, referen
 def test_a_gate_without_well_conditioned_inputs_says_so_and_user_images_fix_it():
     """LeViT-384 calibrated on smooth images: every default input is ill-conditioned for it, so the
     report says the gate is weak; images like its calibration data (--images) make it strict again."""
-    model = trained_model("levit_384", seed=3)
+    model = trained_like_model("levit_384", seed=3)
     default = build_reference_set(model, noise=2, synthetic=2)
     clean = compare(default, model, "fp32")
     assert clean.weak and "no input had a small floor" in clean.notes[0]

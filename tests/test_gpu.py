@@ -14,9 +14,16 @@ from levit_deploy.backends import RuntimeUnavailable
 runner = CliRunner()
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU visible to PyTorch (CUDA build)")
-needs_trt = pytest.mark.skipif(not (HAS_CUDA and HAS_TRT),
-                               reason="needs an NVIDIA GPU and the tensorrt package (pip install 'levit-deploy[tensorrt]')")
+
+
+def needs_cuda(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU visible to PyTorch "
+                                                                   "(CUDA build)")(test))
+
+
+def needs_trt(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not (HAS_CUDA and HAS_TRT), reason="needs an NVIDIA GPU and the "
+                                              "tensorrt package (pip install 'levit-deploy[tensorrt]')")(test))
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def test_labels(tmp_path):
     assert r.exit_code == 2 and "1 labels for a head with 3 classes" in r.output
 
 
-def test_default_runtime_exports_once_into_the_cache(tmp_path, monkeypatch):
+def test_default_runtime_exports_once_into_the_cache(tmp_path, fresh_cache, monkeypatch):
     img = tmp_path / "a.jpg"
     img.write_bytes(synthetic_jpegs(1)[0])
     import sys
@@ -216,11 +216,11 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         assert "on ort" in json.loads(r.stdout)["model"]
     assert calls == ["onnx"]
-    cached = list((tmp_path / "cache" / "artifacts").iterdir())
+    cached = list((fresh_cache / "artifacts").iterdir())
     assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()
 
 
-def test_artifact_cache_is_keyed_by_the_weights():
+def test_artifact_cache_is_keyed_by_the_weights(fresh_cache):
     import torch
 
     from levit_deploy.artifacts import cached_export
@@ -232,7 +232,7 @@ def test_artifact_cache_is_keyed_by_the_weights():
     assert cached_export(a, "onnx") == cached_export(ld.load("levit_128s", init="random"), "onnx")
 
 
-def test_offline_default_model_says_what_to_do(tmp_path, monkeypatch):
+def test_offline_default_model_says_what_to_do(tmp_path, fresh_cache, monkeypatch):
     from levit_deploy import checkpoints
     monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", "http://127.0.0.1:9/LeViT-128S-96703c44.pth")
     r = runner.invoke(app, ["predict", str(tmp_path)])

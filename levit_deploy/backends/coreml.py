@@ -167,12 +167,12 @@ class CoreMlRuntime(Runtime):
 
     def __init__(self, path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
                  compute: str | None = None, input_spec=None, manifest=None, image_input: bool = False,
-                 labels: bool = False, label_file: str | None = None, compute_units: str | None = None):
+                 labels: bool = False, label_file: str | None = None):
         super().__init__(path, device, threads, precision, compute, input_spec, manifest)
         if platform.system() != "Darwin":
             raise RuntimeUnavailable(f"coreml runtime: Core ML predicts only on macOS, this is {platform.system()}; "
                                      f"the package was validated structurally at export")
-        self.units = compute_units or ("CPU_ONLY" if device == "cpu" else "ALL")
+        self.units = "CPU_ONLY" if device == "cpu" else "ALL"  # Core ML picks CPU, GPU or Neural Engine
         self.image_input, self.labels, self.label_file = image_input, labels, label_file
         self.output_transform = log_softmax if labels else None
 

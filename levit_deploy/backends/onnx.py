@@ -125,14 +125,12 @@ class OrtRuntime(Runtime):
     name = "ort"
 
     def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, provider: str | None = None,
-                 optimization: str = "all", session_config: dict[str, str] | None = None):
+                 compute: str | None = None, input_spec=None, manifest=None, provider: str | None = None):
+        """``provider``: cpu, cuda or tensorrt (execution providers of onnxruntime-gpu); default from device."""
         super().__init__(path, device, threads, precision, compute, input_spec, manifest)
         if self.compute != precision:
             raise ValueError(f"ort runs a {precision} graph as it is; export in {self.compute} instead")
         self.provider = provider or ("cuda" if device.startswith("cuda") else "cpu")
-        self.optimization = optimization
-        self.session_config = dict(session_config or {})
 
     def _open(self) -> None:
         ort = BACKEND.require("the 'ort' runtime")
@@ -143,17 +141,11 @@ class OrtRuntime(Runtime):
                                      f"(available: {', '.join(available)}); install onnxruntime-gpu for "
                                      f"CUDA/TensorRT")
         opts = ort.SessionOptions()
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        opts.graph_optimization_level = levels[self.optimization]
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if self.threads is not None:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
-        for key, value in self.session_config.items():
-            opts.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(self.path, sess_options=opts,
                                             providers=[p for p in wanted if p in available])
         self.input_name = self.session.get_inputs()[0].name
@@ -164,7 +156,7 @@ class OrtRuntime(Runtime):
 
     def _info(self) -> dict:
         return {"onnxruntime": self.ort_version, "providers": self.session.get_providers(),
-                "graph_optimization": self.optimization, "session_config": self.session_config}
+                "graph_optimization": "all"}
 
     def _close(self) -> None:
         self.session = None

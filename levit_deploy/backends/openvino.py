@@ -54,13 +54,13 @@ class OpenVinoRuntime(Runtime):
     name = "openvino"
 
     def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, performance_hint: str = "LATENCY"):
+                 compute: str | None = None, input_spec=None, manifest=None):
         # an fp16 IR stores fp16 weights but computes in fp32 unless asked otherwise
         super().__init__(path, device, threads, precision, compute or "fp32", input_spec, manifest)
         if self.compute not in HINTS:
             raise ValueError(f"openvino computes in fp32, bf16 or fp16, not {self.compute!r}")
         self.ov_device = {"cpu": "CPU", "gpu": "GPU"}.get(device, device.upper())
-        self.config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": performance_hint,
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": "LATENCY",
                        "NUM_STREAMS": 1}
         if threads is not None and self.ov_device == "CPU":
             self.config["INFERENCE_NUM_THREADS"] = threads
