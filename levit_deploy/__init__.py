@@ -1,4 +1,5 @@
-"""levit-deploy: load LeViT checkpoints of any layout, fuse, export, run and benchmark them.
+"""levit-deploy: load efficient vision transformers (LeViT, LightViT, LITv2) from any of their checkpoint
+layouts, fuse, export, run and benchmark them.
 
 The public API mirrors the data flow: ``load`` -> ``fuse`` -> ``export`` -> ``open_runtime``, with
 ``compare`` judging every arrow against one reference set (``build_reference_set``). Optional

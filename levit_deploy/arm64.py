@@ -28,7 +28,7 @@ import numpy as np
 from .env import cache_dir, cpu_info
 
 # Emulation pins onnxruntime: the 1.31.1 aarch64 wheel dies with SIGSEGV at import under Debian 12's
-# qemu-user 7.2 (seen here), while 1.24.4 imports and runs LeViT (1.20-1.24 are reported to run).
+# qemu-user 7.2 (seen here), while 1.24.4 imports and runs our artifacts (1.20-1.24 are reported to run).
 # Native aarch64 hosts use whatever onnxruntime is installed.
 EMULATED_ORT = "onnxruntime==1.24.4"
 EMULATED_NUMPY = "numpy==2.2.6"
@@ -194,7 +194,8 @@ def _torch_program(model, folder: Path) -> Path:
 
     path = folder / "model.pt2"
     if not path.exists():
-        program = torch.export.export(fuse(model), (torch.randn(2, 3, 224, 224),),
+        size = model.config.img_size
+        program = torch.export.export(fuse(model), (torch.randn(2, 3, size, size),),
                                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}})
         torch.export.save(program, str(path))
     return path
@@ -202,8 +203,8 @@ def _torch_program(model, folder: Path) -> Path:
 
 def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str = "pretrained", threads: int = 1,
                 batch: int = 16, duration: float = 10.0, fast_math: bool = False, runtimes=("ort",),
-                status: Callable[[str], None] = print, images=()) -> dict:
-    """Parity (and, natively, timing) of LeViT on aarch64 for each target; one document.
+                status: Callable[[str], None] = print, images=(), entry: str | None = None) -> dict:
+    """Parity (and, natively, timing) on aarch64 for each target (any family); one document.
 
     One reference set per model serves the export (when the cache has no artifact yet) and the
     aarch64 comparison alike.
@@ -237,7 +238,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
             model, folder = load_source(path), path
             reference = build_reference_set(model, images=images)
         else:
-            model = load(target, weights=weights, init=init)
+            model = load(target, weights=weights, init=init, entry=entry)
             reference = build_reference_set(model, images=images)
             status(f"{model.config.name}: exporting (or reusing the cached ONNX artifact) …")
             folder = cached_export(model, "onnx", reference=reference)

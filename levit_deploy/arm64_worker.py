@@ -1,4 +1,4 @@
-"""Run a LeViT artifact on this process's CPU and report outputs, timings and the CPU's features.
+"""Run an ONNX artifact (or a torch.export program) on this process's CPU and report outputs, timings and the CPU's features.
 
 A standalone script (it imports only numpy and onnxruntime, or torch for ``.pt2`` files), because
 under emulation it runs inside an aarch64 Python that has nothing else. Invoked by

@@ -68,6 +68,7 @@ class Protocol:
     round_calls: int = 3
     device: str = "cpu"
     precision: str = "fp32"  # torch runtime: fp32, or fp16/bf16 autocast (the paper's GPU protocol is fp16)
+    img_size: int = 224  # the model's input size (set from the model by run_bench)
 
 
 def percentiles(times: list[float], batch: int) -> dict:
@@ -99,7 +100,7 @@ class Progress:
 def run_cases(cases: list[BenchCase], reference: ReferenceSet | None, protocol: Protocol
               ) -> tuple[list[BenchResult], bool]:
     """Open, parity-check (against ``reference``), warm up and time every case; returns (results, interrupted)."""
-    batch = random_inputs(protocol.batch, seed=1)
+    batch = random_inputs(protocol.batch, seed=1, size=protocol.img_size)
     if protocol.device.startswith("cuda"):  # GPU cases read device-resident input, as in the paper
         import torch
         device_batch = torch.from_numpy(batch).to(protocol.device)
@@ -173,7 +174,7 @@ def sweep(case: BenchCase, batches: list[int], protocol: Protocol) -> dict[int, 
     rt = case.open()
     try:
         for b in batches:
-            x = random_inputs(b, seed=2)
+            x = random_inputs(b, seed=2, size=protocol.img_size)
             t_end = time.perf_counter() + protocol.warmup_s / 2
             while time.perf_counter() < t_end:
                 rt.infer(x)
@@ -271,7 +272,8 @@ def _export_then_open(model, target: str, folder: Path, device: str, threads: in
 
 def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=None, init: str = "pretrained",
               protocol: Protocol | None = None, sweep_to: int | None = None, plot: Path | None = None,
-              images=(), status: Callable[[str], None] = lambda m: None) -> tuple[list[dict], bool]:
+              images=(), status: Callable[[str], None] = lambda m: None, entry: str | None = None
+              ) -> tuple[list[dict], bool]:
     """Bench every target (variant name, checkpoint or artifact folder) side by side; one document each.
 
     On CUDA the batch is the largest power of two whose fp16 forward fits. ``sweep_to``: also measure
@@ -291,7 +293,8 @@ def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=Non
     documents, interrupted = [], False
     for target in targets:
         artifacts = [Path(target)] if is_artifact(target) else []
-        model = load_source(target) if artifacts else load(target, weights=weights, init=init)
+        model = load_source(target) if artifacts else load(target, weights=weights, init=init, entry=entry)
+        protocol.img_size = model.config.img_size
         if protocol.device.startswith("cuda"):
             protocol.batch = largest_cuda_batch(model)
             status(f"largest power-of-two batch that fits: {protocol.batch}")
@@ -374,11 +377,12 @@ def largest_cuda_batch(model, limit: int = 8192) -> int:
     if not torch.cuda.is_available():
         raise RuntimeUnavailable("--device cuda: PyTorch sees no CUDA GPU on this machine")
     deploy = fuse(model, check=False).cuda().eval()
+    size = model.config.img_size
 
     def fits(batch: int) -> bool:
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                deploy(torch.randn(batch, 3, 224, 224, device="cuda"))
+                deploy(torch.randn(batch, 3, size, size, device="cuda"))
             torch.cuda.synchronize()
             return True
         except torch.OutOfMemoryError:

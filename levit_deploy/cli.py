@@ -15,9 +15,11 @@ import typer
 
 from . import __version__
 from .backends import backends, get_backend, runtimes, targets
+from .families import all_variants, families
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Load, fuse, export, verify, benchmark and run LeViT image classifiers.")
+                  help="Load, fuse, export, verify, benchmark and run efficient vision transformers "
+                       "(LeViT, LightViT, LITv2).")
 
 EXIT_FAILED = 1  # the work ran but its result failed a gate (parity, some images)
 EXIT_ERROR = 2  # bad input or environment: nothing useful was produced
@@ -66,14 +68,22 @@ def quiet_exporters() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _load(model: str, weights: Optional[Path], init: str, num_classes: Optional[int] = None):
+def _load(model: str, weights: Optional[Path], init: str, entry: Optional[str] = None):
     from .checkpoints import load
 
-    return load(model, weights=weights, num_classes=num_classes, init=init)
+    return load(model, weights=weights, init=init, entry=entry)
 
 
-MODEL_HELP = "A variant name (levit_128s, levit_128, levit_192, levit_256, levit_384) or a checkpoint file/folder."
-WEIGHTS_HELP = "Checkpoint for a variant name: official .pth, timm or Hugging Face (file or folder)."
+def _entry(ema: bool) -> Optional[str]:
+    return "ema_model" if ema else None
+
+
+MODEL_HELP = f"A variant name ({', '.join(all_variants())}) or a checkpoint file/folder of any family."
+WEIGHTS_HELP = "Checkpoint for a variant name: any layout levit-deploy reads (file or folder; docs/formats.md)."
+PREPROCESS_HELP = ("Override the eval transform with one of the model family's named ones ("
+                   + "; ".join(f"{f.name}: {', '.join(f.specs)}" for f in families().values())
+                   + ") [default: the checkpoint's own, from the manifest].")
+EMA_HELP = "Load the EMA weights of a training checkpoint (its 'ema_model' entry) instead of 'model'."
 INIT_HELP = ("For a variant name without --weights: 'pretrained' downloads the official release "
              "(cached, sha256-checked); 'random' uses seeded random weights (offline demos and tests).")
 JSON_HELP = "Print one JSON document on stdout instead of a table."
@@ -101,24 +111,32 @@ def parse_options(pairs: list[str], as_json: bool) -> dict[str, str]:
 def info(path: str = typer.Argument(..., help=MODEL_HELP),
          weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
          init: str = typer.Option("pretrained", help=INIT_HELP),
+         ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Show what a checkpoint is: layout, mode, variant, classes, parameters and FLOPs."""
-    from .models import count_flops, count_parameters
+    """Show what a checkpoint is: family, layout, variant, classes, parameters, FLOPs, what else it holds."""
+    from .families import family_of
+    from .families.base import count_parameters
 
-    model = run_guarded(as_json, _load, path, weights, init)
+    model = run_guarded(as_json, _load, path, weights, init, _entry(ema))
+    family = family_of(model)
     result = {**model.load_info.to_dict(), "params": count_parameters(model),
-              "flops": count_flops(model.config), "config": model.config.to_dict()}
+              "flops": family.count_flops(model.config), "config": model.config.to_dict()}
     if as_json:
         print(json.dumps({"ok": True, **result}, indent=2))
         return
     li = model.load_info
     print(f"source      {li.source}")
-    print(f"layout      {li.layout}{' (fused)' if li.fused else ''}, {li.mode} mode, {li.file_format or '-'}")
-    print(f"variant     {li.variant}, {li.num_classes} classes, {'distilled (2 heads)' if li.distilled else '1 head'}")
+    print(f"family      {family.title}")
+    print(f"layout      {li.layout}, {li.file_format or '-'}"
+          + "".join(f", {k} {v}" for k, v in li.details.items()))
+    print(f"variant     {li.variant}, {li.num_classes} classes")
     print(f"parameters  {result['params']:,}")
     print(f"FLOPs       {result['flops'] / 1e6:.0f} M multiply-adds per image")
     if li.sha256:
         print(f"sha256      {li.sha256}")
+    for name, what in li.entries.items():
+        used = "  <- loaded" if name == li.entry else ""
+        print(f"entry       {name}: {what}{used}")
     for note in li.notes:
         print(f"note        {note}")
 
@@ -132,9 +150,11 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
            precision: str = typer.Option("fp32", help="fp32, fp16 or bf16, as the target supports "
                                                       "(`levit-deploy backends`)."),
            batch: str = typer.Option("dynamic", help="'dynamic' or a fixed batch size."),
-           img_size: int = typer.Option(224, help="Input size. LeViT runs at 224 only; others are refused."),
+           img_size: Optional[int] = typer.Option(None, help="Input size; every family runs at its own size "
+                                                                  "only (224), so another one is refused with the reason."),
            option: List[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
            images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+           ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Fuse a model, export it, and keep the artifact only if it passes the parity gate."""
     from .export import ExportParityError
@@ -145,7 +165,7 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     options = parse_options(option, as_json)
     run_guarded(as_json, lambda: get_backend(to).parse_options(options))  # refuse bad options before loading
     status(f"loading {model} …")
-    ref = run_guarded(as_json, _load, model, weights, init)
+    ref = run_guarded(as_json, _load, model, weights, init, _entry(ema))
     out = out or Path(f"{ref.config.name}-{to}-{precision}")
     status(f"fusing, exporting to {to} ({precision}), checking parity …")
     try:
@@ -190,6 +210,7 @@ def parity(model: str = typer.Argument(..., help=MODEL_HELP + " Or an artifact f
            images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
            noise: int = typer.Option(4, help="Seeded N(0,1) tensors among the inputs (an input kind of its own)."),
            synthetic: int = typer.Option(4, help="Procedural JPEGs among the inputs (an input kind of its own)."),
+           ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Check the chain reference fp64 -> reference fp32 -> each fusion step -> each artifact.
 
@@ -199,7 +220,7 @@ def parity(model: str = typer.Argument(..., help=MODEL_HELP + " Or an artifact f
     from .parity_chain import run_chain
 
     reports = run_guarded(as_json, run_chain, model, weights=weights, init=init, artifacts=artifact,
-                          images=images, noise=noise, synthetic=synthetic)
+                          images=images, noise=noise, synthetic=synthetic, entry=_entry(ema))
     ok = all(r.passed for r in reports)
     if as_json:
         print(json.dumps({"ok": ok, "chain": [r.to_dict() for r in reports]}, indent=2))
@@ -269,8 +290,10 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
                                                                              "(parity then uses the bf16 rule)."),
           plot: Optional[Path] = typer.Option(None, help="Write the --sweep curve to this PNG (needs matplotlib)."),
           images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
+          ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Time models side by side with the paper's protocol (1 thread, batch 16 on CPU)."""
+    """Time models side by side with the paper's protocol (1 thread, batch 16 on CPU): several variants,
+    of any families, in one run."""
     from . import bench as b
 
     quiet_exporters()
@@ -280,7 +303,7 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
 
         doc = run_guarded(as_json, bench_arm64, targets or ["levit_128s"], arch=arch, weights=weights, init=init,
                           threads=threads, batch=batch, duration=duration, fast_math=fast_math,
-                          runtimes=runtime or ["ort"], status=status, images=extra_images)
+                          runtimes=runtime or ["ort"], status=status, images=extra_images, entry=_entry(ema))
         print(json.dumps(doc, indent=2, default=str) if as_json else format_arm64(doc))
         if not doc["ok"]:
             raise typer.Exit(EXIT_FAILED)
@@ -288,7 +311,8 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
     protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device,
                           precision=precision or ("fp16" if device.startswith("cuda") else "fp32"))
     documents, interrupted = run_guarded(as_json, b.run_bench, targets or ["levit_128s"], runtime, weights, init,
-                                         protocol, max_batch if sweep_batches else None, plot, extra_images, status)
+                                         protocol, max_batch if sweep_batches else None, plot, extra_images, status,
+                                         _entry(ema))
     if as_json:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2, default=str))
     else:
@@ -316,11 +340,11 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
             batch: int = typer.Option(32, help="Images decoded and inferred together (bounds memory)."),
             threads: Optional[int] = typer.Option(None, help="Runtime threads [default: the runtime's own]."),
             labels: Optional[Path] = typer.Option(None, help="Class names, one per line, for non-ImageNet heads."),
-            preprocess: Optional[str] = typer.Option(None, help="Override the transform: official, hf or timm "
-                                                                "[default: the checkpoint's own, from the manifest]."),
+            preprocess: Optional[str] = typer.Option(None, help=PREPROCESS_HELP),
             max_pixels: int = typer.Option(64_000_000, help="Refuse larger images (decompression-bomb guard)."),
             csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one CSV row per input here."),
             images: Optional[Path] = typer.Option(None, help=IMAGES_HELP + " Used by the first export only."),
+            ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Classify images: top-k ImageNet classes per image; bad files get an error and the rest go on."""
     import csv
@@ -329,13 +353,11 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
     from .preprocess import expand_inputs
 
     quiet_exporters()
-    if preprocess is not None and preprocess not in ("official", "hf", "timm"):
-        fail(f"--preprocess must be official, hf or timm, not {preprocess!r}", as_json)
     csv_file = run_guarded(as_json, open, csv_path, "w", newline="") if csv_path else None
     status(f"opening {model} …")
     predictor = run_guarded(as_json, Predictor, model, weights=weights, init=init, runtime=runtime,
                             threads=threads, labels=labels, preprocess=preprocess,
-                            images=[images] if images else ())
+                            images=[images] if images else (), entry=_entry(ema))
     records, failed = [], 0
     writer = None
     try:

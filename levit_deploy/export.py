@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from .artifacts import FORMAT_VERSION, Artifact, StagedArtifact, hash_tree, publish, staging
 from .backends import get_backend
 from .backends.base import ExportError
 from .env import fingerprint, package_versions, write_json_atomic
+from .families import family_of, spec_for_model
+from .families.base import count_parameters
 from .fuse import fuse_checked
-from .models import Levit, count_flops, count_parameters
 from .parity import ParityReport, ReferenceSet, build_reference_set, compare
-from .preprocess import spec_for_model
 
 __all__ = ["export", "ExportError", "ExportParityError", "ExportOptions"]
 
@@ -65,7 +66,7 @@ class _FixedBatch:
         return np.concatenate(outs)
 
 
-def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
+def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
            batch: str | int = "dynamic", img_size: int | None = None, reference: ReferenceSet | None = None,
            images=(), options: dict | None = None, **target_options) -> Artifact:
     """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
@@ -78,11 +79,10 @@ def export(model: Levit, to: str, out_dir: str | os.PathLike, precision: str = "
     if backend.write is None:
         raise ExportError(f"{to} is a runtime without an exporter; export to one of the targets instead")
     target = backend.parse_options({**(options or {}), **target_options})
-    size = model.config.img_size
-    if img_size is not None and img_size != size:
-        raise ExportError(f"LeViT exports at {size}x{size} only: its attention-bias index tables are built "
-                          f"for a {size // 16}x{size // 16} token grid, so another input size ({img_size}) "
-                          f"cannot run; only the batch axis may be dynamic")
+    family = family_of(model)
+    reason = family.input_size_error(model.config, img_size) if img_size is not None else None
+    if reason:
+        raise ExportError(reason)
     if precision not in backend.precisions:
         raise ExportError(f"{to} export supports {', '.join(backend.precisions)}, not {precision}")
     if batch != "dynamic" and (not str(batch).isdigit() or int(batch) < 1):
@@ -127,10 +127,11 @@ def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, re
         return compare(reference, _FixedBatch(rt, fixed), rt.precision, stage=f"{backend.runtime} artifact")
 
 
-def _manifest(model: Levit, backend, opts: ExportOptions, staged: StagedArtifact, files: dict[str, str],
+def _manifest(model: torch.nn.Module, backend, opts: ExportOptions, staged: StagedArtifact, files: dict[str, str],
               size: int, fusion_reports: list[ParityReport], spec, parity: dict) -> dict:
     info = getattr(model, "load_info", None)
     cfg = model.config
+    family = family_of(model)
     return {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "levit-deploy", "version": __version__},
@@ -138,16 +139,16 @@ def _manifest(model: Levit, backend, opts: ExportOptions, staged: StagedArtifact
         "artifact": {"format": backend.name, "file": staged.file, "runtime": backend.runtime, "files": files,
                      "size_bytes": size, "runtime_options": staged.runtime_options, **staged.details},
         "source": info.to_dict() if info else {"source": "in-memory model"},
-        "model": {"variant": cfg.name, "num_classes": cfg.num_classes, "distilled": cfg.distilled,
-                  "params": count_parameters(model), "flops": count_flops(cfg), "config": cfg.to_dict()},
+        "model": {"family": family.name, "variant": cfg.name, "num_classes": cfg.num_classes,
+                  "params": count_parameters(model), "flops": family.count_flops(cfg), "config": cfg.to_dict(),
+                  **family.describe(cfg)},
         "labels": {"source": "imagenet-1k (bundled with levit-deploy)" if cfg.num_classes == 1000
                    else "class indices (no names for this head size; pass --labels)"},
         "export": {"precision": opts.precision, "batch": opts.batch,
                    "options": asdict(opts.target) if opts.target is not None else {}, "notes": staged.notes},
         "input": {"name": "pixel_values", "dtype": "float32", "layout": "NCHW",
                   "shape": ["batch" if opts.batch == "dynamic" else opts.batch, 3, cfg.img_size, cfg.img_size]},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cfg.num_classes],
-                   "meaning": "mean of classifier and distillation heads" if cfg.distilled else "classifier"},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cfg.num_classes]},
         "fusion": [{"step": r.stage, "max_abs": r.max_abs, "max_e_over_s": r.max_e_over_s,
                     "worst_margin": r.worst_margin, "passed": r.passed} for r in fusion_reports],
         "preprocessing": spec.to_dict(),

@@ -337,7 +337,8 @@ def build_reference_set(model: torch.nn.Module, spec=None, images=(), photos: bo
                         synthetic: int = 4, seed: int = 0) -> ReferenceSet:
     """The default reference set of a model: the bundled photos, noise and synthetic JPEGs decoded with
     ``spec`` (the checkpoint's own eval transform), plus every image under ``images``."""
-    from .preprocess import parity_inputs, spec_for_model
+    from .families import spec_for_model
+    from .preprocess import parity_inputs
 
     inputs, names, kinds = parity_inputs(spec or spec_for_model(model), photos, noise, synthetic, images, seed)
     return ReferenceSet.from_inputs(model, inputs, names, kinds)

@@ -1,6 +1,6 @@
 """The parity chain: every stage between the checkpoint and an artifact, against one reference set.
 
-reference fp32 (unfused: the floor itself) -> each fusion step -> DeployLevit -> each artifact in its
+reference fp32 (unfused: the floor itself) -> each fusion step -> the deploy model -> each artifact in its
 runtime. A stage that fails shows where a discrepancy was introduced instead of only that one exists.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from .parity import ParityReport, build_reference_set, compare
 
 
 def run_chain(model: str, weights=None, init: str = "pretrained", artifacts=(), images: Path | None = None,
-              noise: int = 4, synthetic: int = 4) -> list[ParityReport]:
+              noise: int = 4, synthetic: int = 4, entry: str | None = None) -> list[ParityReport]:
     artifacts = [Path(a) for a in artifacts]
     if is_artifact(model):
         ref = load_source(Path(model))
         artifacts.insert(0, Path(model))
     else:
-        ref = load(model, weights=weights, init=init)
+        ref = load(model, weights=weights, init=init, entry=entry)
     reference = build_reference_set(ref, images=[images] if images else (), noise=noise, synthetic=synthetic)
     reports = [compare(reference, ref, "fp32", stage="reference fp32 (unfused)")]
     try:

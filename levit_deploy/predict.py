@@ -16,8 +16,8 @@ from .artifacts import cached_export, is_artifact, read_manifest
 from .backends import by_runtime, default_runtime, open_runtime
 from .checkpoints import load
 from .labels import load_labels
-from .preprocess import (DEFAULT_MAX_PIXELS, SPECS, ImageError, PreprocessSpec, decode_image,
-                         spec_for_model, transform)
+from .families import family_of, get_family, spec_for_model
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, decode_image, transform
 
 @dataclass
 class Prediction:
@@ -35,8 +35,9 @@ class Predictor:
 
     def __init__(self, model: str = "levit_128s", weights=None, init: str = "pretrained", runtime: str | None = None,
                  threads: int | None = None, labels: str | Path | None = None, preprocess: str | None = None,
-                 device: str = "cpu", images=()):
+                 device: str = "cpu", images=(), entry: str | None = None):
         """``runtime``: any runtime of the registry (default: the first installed one with an exporter);
+        ``preprocess``: one of the model family's named eval transforms, instead of the checkpoint's own;
         ``images``: a folder of the user's photos added to the parity inputs of the first export."""
         from .fuse import fuse_checked
         from .parity import build_reference_set
@@ -46,11 +47,12 @@ class Predictor:
             manifest, _ = read_manifest(path)
             self.runtime = open_runtime(path, runtime, device, threads)
             spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+            family = get_family(manifest["model"]["family"])
             num_classes = manifest["model"]["num_classes"]
             self.description = f"{manifest['model']['variant']} artifact {path}"
         else:
-            ref = load(model, weights=weights, init=init)
-            spec = spec_for_model(ref)
+            ref = load(model, weights=weights, init=init, entry=entry)
+            spec, family = spec_for_model(ref), family_of(ref)
             num_classes = ref.config.num_classes
             runtime = runtime or default_runtime()
             backend = by_runtime(runtime)
@@ -61,7 +63,10 @@ class Predictor:
                 folder = cached_export(ref, backend.name, images=images)
                 self.runtime = open_runtime(folder, runtime, device, threads)
             self.description = f"{ref.config.name} ({ref.load_info.source}) on {runtime}"
-        self.spec = SPECS[preprocess] if preprocess else spec
+        if preprocess is not None and preprocess not in family.specs:
+            raise ValueError(f"--preprocess {preprocess!r} is not a {family.name} transform; choose one of "
+                             f"{', '.join(family.specs)}")
+        self.spec = family.specs[preprocess] if preprocess else spec
         self.labels = load_labels(labels, num_classes)
 
     def close(self) -> None:

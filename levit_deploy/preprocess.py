@@ -1,14 +1,13 @@
-"""Image decoding and the eval transform each checkpoint source was evaluated with.
+"""Image decoding, eval transforms, and the images parity is judged on.
 
-Official LeViT and Hugging Face: resize the shorter side to 256, centre-crop 224; timm: crop_pct 0.9,
-so resize to 248. Both bicubic (PIL), ImageNet mean/std, RGB, NCHW float32.
-Decoding turns every PIL mode into RGB deliberately (see :func:`to_rgb`) and refuses images over a
-pixel limit before decoding them, so a decompression bomb costs nothing.
+A :class:`PreprocessSpec` describes an eval transform (resize the shorter side, centre-crop,
+interpolation, mean/std, channel order); each model family says which spec its checkpoints were
+evaluated with. Decoding turns every PIL mode into RGB deliberately (see :func:`to_rgb`) and refuses
+images over a pixel limit before decoding them, so a decompression bomb costs nothing.
 """
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,22 +49,9 @@ class PreprocessSpec:
         return cls(**d)
 
 
-SPECS = {
-    "official": PreprocessSpec(resize=int(256 / 224 * 224), crop=224, source="official"),
-    "hf": PreprocessSpec(resize=int(256 / 224 * 224), crop=224, source="hf"),
-    "timm": PreprocessSpec(resize=math.floor(224 / 0.9), crop=224, source="timm"),
-}
-
-
-def spec_for_layout(layout: str) -> PreprocessSpec:
-    """The eval transform matching where the weights came from (random init: the paper's)."""
-    return SPECS.get("official" if layout.startswith("official") else layout, SPECS["official"])
-
-
-def spec_for_model(model) -> PreprocessSpec:
-    """The eval transform of a loaded model (from its ``load_info``), the paper's if it has none."""
-    info = getattr(model, "load_info", None)
-    return spec_for_layout(info.layout if info else "none")
+#: the ImageNet recipe most checkpoints were evaluated with: shorter side 256 (crop fraction 0.875),
+#: centre crop 224, bicubic; families declare their own specs from it
+IMAGENET_EVAL = PreprocessSpec(resize=256, crop=224, source="official")
 
 
 class ImageError(Exception):
@@ -229,7 +215,7 @@ def parity_inputs(spec: PreprocessSpec | None = None, photos: bool = True, noise
     """
     from .parity import random_inputs
 
-    spec = spec or SPECS["official"]
+    spec = spec or IMAGENET_EVAL
     arrays, names, kinds = [], [], []
     if photos:
         for p in bundled_photos():

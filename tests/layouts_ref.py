@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from levit_deploy.checkpoints import randomize_
+from levit_deploy.families import get_family
 
 EPS = 1e-5
 VARIANT_SHAPES = {
@@ -35,7 +35,7 @@ def hf_model(variant: str, seed: int = 0, num_classes: int = 1000, distilled: bo
                       num_labels=num_classes, drop_path_rate=0)
     cls = LevitForImageClassificationWithTeacher if distilled else LevitForImageClassification
     model = cls(cfg)
-    randomize_(model, seed)  # by module type, so it randomises HF's modules as it does ours
+    get_family("levit").randomize_(model, seed)  # by module type: HF's modules get what ours get
     model.train()
     model.eval()  # clears HF's per-device bias cache
     return model

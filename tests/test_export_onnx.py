@@ -193,14 +193,14 @@ def test_parity_command_catches_a_scaled_weight_but_not_rounding_noise(exported_
 
 
 def test_fusion_error_is_one_line_and_exit_1(trained_128s_path, tmp_path, monkeypatch):
-    from levit_deploy.models import levit as levit_mod
+    from levit_deploy.families.levit import model as levit_mod
 
-    real = levit_mod._bn_scale_shift
+    real = levit_mod.bn_scale_shift
 
     def variance_not_std(bn):  # a plausible folding bug
         scale, shift = real(bn)
         return scale * torch.sqrt(bn.running_var.double() + bn.eps), shift
-    monkeypatch.setattr(levit_mod, "_bn_scale_shift", variance_not_std)
+    monkeypatch.setattr(levit_mod, "bn_scale_shift", variance_not_std)
     result = runner.invoke(app, ["export", str(trained_128s_path), "--to", "onnx", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -1,6 +1,5 @@
 """Fusion on trained-like checkpoints: every step within the parity rule, and every plausible bug caught."""
 import copy
-import sys
 import warnings
 
 import numpy as np
@@ -11,7 +10,8 @@ from torch import nn
 from conftest import trained_like_model, trained_like_reference
 from levit_deploy import fuse
 from levit_deploy.fuse import FusionError, fuse_checked
-from levit_deploy.models import levit as levit_mod
+from levit_deploy.families.levit import fusion as levit_fusion
+from levit_deploy.families.levit import model as levit_mod
 from levit_deploy.parity import ReferenceSet, build_reference_set, compare
 from trained_like import smooth_images
 from variants import LEVIT
@@ -90,20 +90,18 @@ def test_clean_fusion_passes_with_room_to_spare(model_128s, reference_128s):
 @pytest.mark.parametrize("bug", ["variance instead of std", "swapped bias table", "missing scale", "one head dropped"])
 def test_parity_gate_catches_fusion_bugs(model_128s, reference_128s, monkeypatch, bug):
     if bug == "variance instead of std":
-        monkeypatch.setattr(levit_mod, "_bn_scale_shift", _bug_variance_not_std)
+        monkeypatch.setattr(levit_mod, "bn_scale_shift", _bug_variance_not_std)
     elif bug == "swapped bias table":
         monkeypatch.setattr(levit_mod.Attention, "fuse",
                             _patched_fuse(lambda d: d.attention_bias.copy_(d.attention_bias.flip(0))))
     elif bug == "missing scale":
         monkeypatch.setattr(levit_mod.Attention, "fuse", _patched_fuse(_unscale))
     else:
-        fuse_mod = sys.modules["levit_deploy.fuse"]  # the package-level fuse() shadows the module name
-
         def drop_dist(model):
             model.head_dist = None
             model.head = model.head.fuse()
             return 1
-        monkeypatch.setattr(fuse_mod, "STEPS", fuse_mod.STEPS[:-1] + [("merge heads", drop_dist)])
+        monkeypatch.setattr(levit_fusion, "STEPS", levit_fusion.STEPS[:-1] + [("merge heads", drop_dist)])
     with pytest.raises(FusionError) as e:
         fuse_checked(model_128s, reference_128s)
     report = e.value.report

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from levit_deploy.checkpoints import load, randomize_
-from levit_deploy.models import VARIANTS, Levit, count_flops, count_parameters, create_model, get_config
+from levit_deploy.families.base import count_parameters
+from levit_deploy.families.levit.config import VARIANTS, get_config
+from levit_deploy.families.levit.model import Levit, count_flops
+
+
+def create_model(name, num_classes=None, distilled=None):
+    return Levit(get_config(name, num_classes, distilled)).eval()
 
 PARAMS = {"levit_128s": 7_777_058, "levit_128": 9_213_936, "levit_192": 10_947_069,
           "levit_256": 18_893_876, "levit_384": 39_128_836}

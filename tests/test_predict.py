@@ -14,8 +14,11 @@ import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.labels import imagenet_labels
 from levit_deploy.predict import Predictor, softmax
-from levit_deploy.preprocess import (SPECS, ImageError, bundled_photos, decode_image, expand_inputs, synthetic_jpegs,
-                                     to_rgb, transform)
+from levit_deploy.families.levit import FAMILY as LEVIT
+from levit_deploy.preprocess import (ImageError, bundled_photos, decode_image, expand_inputs, synthetic_jpegs, to_rgb,
+                                     transform)
+
+SPECS = LEVIT.specs
 
 runner = CliRunner()
 
@@ -181,11 +184,10 @@ def test_streams_in_bounded_batches(folder, monkeypatch):
 def test_labels(tmp_path):
     names = imagenet_labels()
     assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
-    from levit_deploy.checkpoints import randomize_
-    from levit_deploy.models import Levit, get_config
-    from levit_deploy.checkpoints import from_canonical
     from safetensors.torch import save_file
-    m = randomize_(Levit(get_config("levit_128s", num_classes=3)), 0)
+
+    from levit_deploy.families.levit.layouts import from_canonical
+    m = LEVIT.randomize_(LEVIT.create(LEVIT.config("levit_128s", num_classes=3)), 0)
     save_file(from_canonical(m.state_dict(), "timm", m.config), str(tmp_path / "m.safetensors"))
     img = tmp_path / "a.jpg"
     img.write_bytes(synthetic_jpegs(1)[0])
@@ -233,8 +235,7 @@ def test_artifact_cache_is_keyed_by_the_weights(fresh_cache):
 
 
 def test_offline_default_model_says_what_to_do(tmp_path, fresh_cache, monkeypatch):
-    from levit_deploy import checkpoints
-    monkeypatch.setitem(checkpoints.PRETRAINED_URLS, "levit_128s", "http://127.0.0.1:9/LeViT-128S-96703c44.pth")
+    monkeypatch.setitem(LEVIT.pretrained_urls, "levit_128s", "http://127.0.0.1:9/LeViT-128S-96703c44.pth")
     r = runner.invoke(app, ["predict", str(tmp_path)])
     assert r.exit_code == 2 and "--weights PATH" in r.output
 

@@ -27,8 +27,8 @@ PACKAGE = "model.mlpackage"
 
 @dataclass
 class CoremlOptions:
-    image_input: bool = field(default=False, metadata={"help": "take a 224x224 RGB image (0-255); the ImageNet "
-                                                               "normalisation runs inside the model"})
+    image_input: bool = field(default=False, metadata={"help": "take an RGB image (0-255) of the model's size; the "
+                                                               "ImageNet normalisation runs inside the model"})
     labels: bool = field(default=False, metadata={"help": "embed class labels (ClassifierConfig): outputs "
                                                           "probabilities and the top class"})
     label_file: str | None = field(default=None, metadata={"help": "class names, one per line (default: ImageNet "
@@ -94,7 +94,7 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
         mlmodel = ct.convert(traced, inputs=inputs, outputs=None if labels else [ct.TensorType(name="logits")],
                              classifier_config=classifier, convert_to="mlprogram", compute_precision=precision,
                              minimum_deployment_target=min_target)
-    mlmodel.short_description = f"LeViT {model.config.name} ({opts.precision}) exported by levit-deploy"
+    mlmodel.short_description = f"{model.config.name} ({opts.precision}) exported by levit-deploy"
     mlmodel.save(str(staging / PACKAGE))
     checks = validate_package(staging / PACKAGE, min_target, image_input, labels, model.config)
     pending = None if platform.system() == "Darwin" else (

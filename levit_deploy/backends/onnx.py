@@ -1,4 +1,4 @@
-"""ONNX: the fused model through torch.onnx (batch axis dynamic or fixed, 224x224 fixed), simplified and
+"""ONNX: the fused model through torch.onnx (batch axis dynamic or fixed, image size fixed), simplified and
 checked clean, run by ONNX Runtime (CPU by default; CUDA and TensorRT execution providers on request)."""
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def write_onnx(model: torch.nn.Module, staging: Path, precision: str = "fp32", b
     require("onnxscript", "ONNX export", "onnx")
     options = options or OnnxOptions()
     if options.opset < MIN_OPSET:
-        raise ExportError(f"opset {options.opset} is too old: LeViT's stride-2 token subsampling needs "
+        raise ExportError(f"opset {options.opset} is too old: strided token subsampling needs "
                           f"opset >= {MIN_OPSET}")
     path = staging / "model.onnx"
     _torch_export(model, path, precision, batch, options.opset)

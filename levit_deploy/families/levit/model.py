@@ -4,7 +4,8 @@ This model is what every checkpoint layout is loaded into and what every artifac
 with (run in float64). It keeps BatchNorm after every linear layer and looks the attention bias
 up through its index table on every forward: there is no cache, so the bias can never go stale
 whatever the order of ``load_state_dict``, ``.eval()`` and ``.to(dtype)``.
-Speed is the job of :mod:`levit_deploy.fuse`, not of this module.
+Each module knows its own fused form (``fuse()``); the family's fusion steps apply them one kind at a
+time, and speed is the deploy model's job (deploy.py), not this module's.
 """
 from __future__ import annotations
 
@@ -13,26 +14,14 @@ import itertools
 import torch
 from torch import nn
 
+from ..base import bn_scale_shift, make_linear
 from .config import LevitConfig
 from .deploy import DeployAttention, DeployAttentionSubsample
-
-
-def _bn_scale_shift(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm in eval mode as y = x·scale + shift, computed in float64."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return scale, bn.bias.double() - bn.running_mean.double() * scale
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
     """A fused nn.Linear for a LinearNorm, or the module itself if it is already fused."""
     return module.fuse() if isinstance(module, LinearNorm) else module
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(weight.shape[1], weight.shape[0])
-    out.weight.data = weight.to(like.dtype).contiguous()
-    out.bias.data = bias.to(like.dtype).contiguous()
-    return out.to(like.device)
 
 
 class ConvNorm(nn.Sequential):
@@ -45,7 +34,7 @@ class ConvNorm(nn.Sequential):
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         w = self.conv.weight
         out = nn.Conv2d(w.shape[1], w.shape[0], 3, 2, 1)
         out.weight.data = (w.double() * scale[:, None, None, None]).to(w.dtype)
@@ -67,9 +56,9 @@ class LinearNorm(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         w = self.linear.weight
-        return _linear(w.double() * scale[:, None], shift, w)
+        return make_linear(w.double() * scale[:, None], shift, w)
 
 
 class NormLinear(nn.Module):
@@ -86,9 +75,9 @@ class NormLinear(nn.Module):
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
         """linear(bn(x)) = W·(x·scale + shift) + b = (W·scale)·x + (W·shift + b)."""
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         w, b = self.linear.weight.double(), self.linear.bias.double()
-        return _linear(w * scale[None, :], w @ shift + b, self.linear.weight)
+        return make_linear(w * scale[None, :], w @ shift + b, self.linear.weight)
 
 
 def attention_bias_idxs(resolution: int, stride: int = 1) -> torch.Tensor:
@@ -144,7 +133,7 @@ class Attention(nn.Module):
         b = qkv.bias.double().view(h, 2 * d + v)
         parts_w = [w[:, :d] * self.scale, w[:, d:2 * d], w[:, 2 * d:]]
         parts_b = [b[:, :d] * self.scale, b[:, d:2 * d], b[:, 2 * d:]]
-        grouped = _linear(torch.cat([p.reshape(-1, w.shape[-1]) for p in parts_w]),
+        grouped = make_linear(torch.cat([p.reshape(-1, w.shape[-1]) for p in parts_w]),
                           torch.cat([p.reshape(-1) for p in parts_b]), qkv.weight)
         return DeployAttention(grouped, as_linear(self.proj), self.bias_table().detach().clone(), h, d, v)
 
@@ -195,9 +184,9 @@ class AttentionSubsample(nn.Module):
         h, d, v = self.num_heads, self.key_dim, self.val_dim
         w = kv.weight.double().view(h, d + v, -1)
         b = kv.bias.double().view(h, d + v)
-        grouped = _linear(torch.cat([w[:, :d].reshape(-1, w.shape[-1]), w[:, d:].reshape(-1, w.shape[-1])]),
+        grouped = make_linear(torch.cat([w[:, :d].reshape(-1, w.shape[-1]), w[:, d:].reshape(-1, w.shape[-1])]),
                           torch.cat([b[:, :d].reshape(-1), b[:, d:].reshape(-1)]), kv.weight)
-        scaled_q = _linear(q.weight.double() * self.scale, q.bias.double() * self.scale, q.weight)
+        scaled_q = make_linear(q.weight.double() * self.scale, q.bias.double() * self.scale, q.weight)
         return DeployAttentionSubsample(grouped, scaled_q, as_linear(self.proj),
                                         self.bias_table().detach().clone(), h, d, v, self.resolution,
                                         self.stride)
@@ -312,11 +301,6 @@ class Levit(nn.Module):
         if self.head_dist is None:
             return self.head(x)
         return (self.head(x) + self.head_dist(x)) / 2
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, including attention biases and BatchNorm affine terms."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def count_flops(config: LevitConfig) -> int:

@@ -6,6 +6,7 @@ a variant by comparing tensor shapes with what a config predicts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 IMG_SIZE = 224
 PATCH_STRIDE = 16  # four stride-2 convolutions: 224 px -> 14x14 tokens
@@ -20,6 +21,7 @@ class LevitConfig:
     stride 2; every MLP has ratio 2; normal attention has V = 2·D.
     """
 
+    family: ClassVar[str] = "levit"
     name: str
     embed_dims: tuple[int, int, int]
     key_dim: int

@@ -1,0 +1,204 @@
+"""What a model family is: the one small interface each family folder implements, and helpers they share.
+
+A family owns its variants (configs), its reference model (the module tree and state_dict keys of its
+official code, so official checkpoints load strictly), the checkpoint layouts it understands and how
+to recognise them, its checked fusion steps, its eval preprocessing and its FLOP count. Nothing
+outside a family's folder knows any of that; the rest of the package talks to :class:`Family`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..preprocess import PreprocessSpec
+
+FusionStep = tuple[str, Callable[[nn.Module], int]]
+
+
+class CheckpointMismatch(Exception):
+    """This family's checkpoint, but not usable (wrong shapes, missing keys, another resolution...); the
+    loader adds the file name and raises it as a CheckpointError."""
+
+
+class NotRecognised(Exception):
+    """A state dict is not of this family; ``closeness`` ranks how near it came (for error messages)."""
+
+    def __init__(self, message: str, closeness: float = 0.0):
+        super().__init__(message)
+        self.closeness = closeness
+
+
+@dataclass
+class Detection:
+    """What a family recognised in a state dict: enough to build and describe the model."""
+
+    layout: str
+    config: Any
+    details: dict = field(default_factory=dict)  # family facts shown by `info` (mode, fused, distilled, ...)
+    ignored_keys: list[str] = field(default_factory=list)  # present, checked, not loaded
+    notes: list[str] = field(default_factory=list)
+    state: Any = None  # whatever build() needs from detection (e.g. a key prefix)
+
+
+class Family(ABC):
+    """One model family. Subclasses fill in the class attributes and implement the abstract methods."""
+
+    name: str  # "levit"
+    title: str  # "LeViT (Graham et al. 2021)"
+    variants: dict[str, Any]  # canonical variant name -> config
+    aliases: dict[str, str] = {}  # other spellings users type -> canonical name
+    specs: dict[str, PreprocessSpec]  # named eval transforms; "official" is the family's own
+    pretrained_urls: dict[str, str] = {}  # variant -> download URL (sha256 prefix in the file name)
+    deploy_stage: str = "deploy model"  # name of the last fusion check
+    #: parameters (by name) that random init draws with their own standard deviation
+    random_std: dict[str, float] = {}
+
+    # --- variants -------------------------------------------------------------------------------------
+    def resolve(self, name: str) -> str | None:
+        """The canonical variant for a user-typed name, or None if it is not one of this family's."""
+        if name in self.variants:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        lowered = name.lower().replace("-", "_")
+        return lowered if lowered in self.variants else None
+
+    @abstractmethod
+    def config(self, variant: str, num_classes: int | None = None) -> Any: ...
+
+    @abstractmethod
+    def create(self, config: Any) -> nn.Module:
+        """A freshly initialised reference model (eval mode) for ``config``."""
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    @abstractmethod
+    def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
+        """Recognise layout and variant from key names and shapes; NotRecognised if not this family,
+        CheckpointError (from ..checkpoints) if it is this family but the tensors do not fit."""
+
+    @abstractmethod
+    def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> nn.Module:
+        """The reference model with ``sd`` loaded strictly, in eval mode."""
+
+    # --- fusion and export ----------------------------------------------------------------------------
+    @abstractmethod
+    def fusion_steps(self) -> list[FusionStep]:
+        """Named in-place transforms of a copy of the reference model, each checked for parity."""
+
+    @abstractmethod
+    def assemble(self, model: nn.Module) -> nn.Module:
+        """The fully transformed reference model repackaged as the deploy model every exporter sees."""
+
+    def input_size_error(self, config: Any, size: int) -> str | None:
+        """Why ``size`` cannot run (None if it can). Default: only the configured size runs."""
+        if size == config.img_size:
+            return None
+        return (f"{config.name} runs at {config.img_size}x{config.img_size} only, not {size}x{size}; only the batch "
+                f"axis may be dynamic")
+
+    def describe(self, config: Any) -> dict:
+        """Facts about the model for the manifest beyond variant, classes, params and FLOPs."""
+        return {}
+
+    @abstractmethod
+    def count_flops(self, config: Any) -> int:
+        """Multiply-adds per image, counted the way the family's paper counts them."""
+
+    # --- preprocessing --------------------------------------------------------------------------------
+    def spec_for_layout(self, layout: str) -> PreprocessSpec:
+        """The eval transform of checkpoints of ``layout`` (the family's own for random init)."""
+        return self.specs.get(layout, self.specs["official"])
+
+    # --- random init ----------------------------------------------------------------------------------
+    def randomize_(self, model: nn.Module, seed: int = 0) -> nn.Module:
+        """Seeded random weights, normalisation statistics and affine terms, in place.
+
+        Default init leaves BatchNorm and LayerNorm at identity and biases at zero, which hides fusion
+        and layout bugs, so ``--init random`` and the tests use this instead. It goes by module type and
+        parameter name, so it randomises the family's independent test implementations alike.
+        """
+        gen = torch.Generator().manual_seed(seed)
+
+        def randn(t: torch.Tensor) -> torch.Tensor:
+            return torch.randn(t.shape, generator=gen)
+
+        def rand(t: torch.Tensor) -> torch.Tensor:
+            return torch.rand(t.shape, generator=gen)
+
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.weight.copy_(rand(module.weight) + 0.25)
+                    module.bias.copy_(randn(module.bias) * 0.1)
+                    module.running_mean.copy_(randn(module.running_mean) * 0.1)
+                    module.running_var.copy_(rand(module.running_var) * 1.5 + 0.5)
+                    continue
+                if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                    module.weight.copy_(rand(module.weight) + 0.5)
+                    module.bias.copy_(randn(module.bias) * 0.1)
+                    continue
+                for name, p in module.named_parameters(recurse=False):
+                    if name in self.random_std:
+                        p.copy_(randn(p) * self.random_std[name])
+                    elif name == "bias":
+                        p.copy_(randn(p) * 0.1)
+                    else:
+                        p.copy_(randn(p) * p[0].numel() ** -0.5)
+        return model
+
+
+# --- helpers the families share ------------------------------------------------------------------------
+
+def replace_modules(model: nn.Module, kind: type | tuple[type, ...], make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule of type ``kind`` in place by ``make(module)``; returns how many were replaced."""
+    count = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, kind):
+            setattr(model, name, make(child))
+            count += 1
+        else:
+            count += replace_modules(child, kind, make)
+    return count
+
+
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm in eval mode as y = x·scale + shift, computed in float64."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding ``weight``/``bias`` (computed in float64) in the dtype and device of ``like``."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    out.weight.data = weight.to(like.dtype).contiguous()
+    if bias is not None:
+        out.bias.data = bias.to(like.dtype).contiguous()
+    return out.to(like.device)
+
+
+def fold_norm_into_linear(norm: nn.LayerNorm, linears: list[nn.Linear]) -> nn.LayerNorm:
+    """Fold a LayerNorm's affine (γ, β) into the linears it feeds: W·(γ·n + β) + b = (W·γ)·n + (W·β + b).
+
+    Returns the plain normalisation (no affine) that replaces ``norm``; each linear is updated in place.
+    """
+    gamma, beta = norm.weight.double(), norm.bias.double()
+    with torch.no_grad():
+        for lin in linears:
+            w = lin.weight.double()
+            b = lin.bias.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            new_b = w @ beta + b
+            lin.weight.copy_((w * gamma[None, :]).to(lin.weight.dtype))
+            if lin.bias is None:
+                lin.bias = nn.Parameter(new_b.to(lin.weight.dtype))
+            else:
+                lin.bias.copy_(new_b.to(lin.bias.dtype))
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False).to(norm.weight.device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (buffers such as index tables and running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
