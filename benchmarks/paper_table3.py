@@ -1,11 +1,12 @@
-"""The paper's CPU column, reproduced: five variants, one thread, batch 16, measured side by side.
+"""The LeViT paper's CPU protocol (its Table 3 column), for every family: one thread, batch 16, side by side.
 
 For each variant, in one interleaved run: the unfused PyTorch eager model (what a user has), ONNX
 Runtime on a plain export of the unfused model (what Optimum/timm give), and levit-deploy's fp32
 artifacts in ONNX Runtime and OpenVINO. "Best" is the faster of our artifacts. The roofline is
-images/s if every multiply-add ran at this core's measured single-thread sgemm rate.
+images/s if every multiply-add ran at this core's measured single-thread sgemm rate. The paper column
+is LeViT's published Xeon 6138 figure; no LightViT or LITv2 paper reports a CPU figure ("-").
 
-Usage: python benchmarks/paper_table3.py [--duration 10] [--variants levit_128s ...] [--out table.md]
+Usage: python benchmarks/paper_table3.py [--duration 10] [--variants levit_128s lightvit_tiny ...] [--out table.md]
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import torch
 from levit_deploy import bench
 from levit_deploy.checkpoints import load
 from levit_deploy.env import fingerprint
+from levit_deploy.families import all_variants, family_of
 from levit_deploy.parity import build_reference_set
-from levit_deploy.models import VARIANTS, count_flops
 
 PAPER_INTEL = {"levit_128s": 131.1, "levit_128": 94.0, "levit_192": 65.0, "levit_256": 42.5, "levit_384": 23.1}
 
@@ -44,7 +45,7 @@ def sgemm_gflops(n: int = 1024, seconds: float = 3.0) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=all_variants())
     ap.add_argument("--duration", type=float, default=10.0, help="timed seconds per case")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
@@ -67,8 +68,8 @@ def main() -> None:
         best = max(ours, key=lambda r: r.images_per_s)
         eager = by["torch unfused (eager)"].images_per_s
         plain = by["ort plain export (unfused)"].images_per_s
-        roofline = gflops * 1e9 / (2 * count_flops(model.config))
-        rows.append((name, PAPER_INTEL[name], eager, plain, best.images_per_s, best.label.split()[0], roofline))
+        roofline = gflops * 1e9 / (2 * family_of(model).count_flops(model.config))
+        rows.append((name, PAPER_INTEL.get(name), eager, plain, best.images_per_s, best.label.split()[0], roofline))
         raw.append(bench.report_document(results, protocol, interrupted, name))
         if interrupted:
             break
@@ -76,12 +77,12 @@ def main() -> None:
         f"One thread, batch 16, fp32, {fingerprint(1)['cpu']['model']}; sgemm roofline {gflops:.1f} GFLOP/s. "
         f"images/s = 16 / median call time.",
         "",
-        "| variant | paper (Xeon 6138) | PyTorch eager, unfused | ORT plain unfused export | levit-deploy best | "
+        "| variant | LeViT paper (Xeon 6138) | PyTorch eager, unfused | ORT plain unfused export | levit-deploy best | "
         "best / eager | best / ORT plain | roofline | best / roofline |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, paper, eager, plain, best, runtime, roof in rows:
-        lines.append(f"| {name} | {paper:.1f} | {eager:.1f} | {plain:.1f} | {best:.1f} ({runtime}) | "
+        lines.append(f"| {name} | {'-' if paper is None else f'{paper:.1f}'} | {eager:.1f} | {plain:.1f} | {best:.1f} ({runtime}) | "
                      f"{best / eager:.2f}x | {best / plain:.2f}x | {roof:.0f} | {best / roof:.0%} |")
     table = "\n".join(lines)
     print(table)

@@ -329,15 +329,17 @@ def report_document(results: list[BenchResult], protocol: Protocol, interrupted:
             "machine": fingerprint(protocol.threads), "results": [r.to_dict() for r in results]}
 
 
-def format_table(results: list[BenchResult]) -> str:
-    rows = [("case", "runtime", "prec", "status", "size MB", "parity e/bound", "img/s", "p50 ms", "p99 ms",
-             "spread", "speed-up")]
+def format_table(results: list[BenchResult], models: list[str] | None = None) -> str:
+    """The side-by-side table; with ``models`` (one name per result) several models share one table,
+    each row's speed-up relative to its own model's unfused PyTorch baseline."""
+    rows = [(*(("model",) if models else ()), "case", "runtime", "prec", "status", "size MB", "parity e/bound",
+             "img/s", "p50 ms", "p99 ms", "spread", "speed-up")]
     icon = {"ok": "✅", "parity failed": "❎", "error": "❌"}
-    for r in results:
+    for i, r in enumerate(results):
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        rows.append((r.label, r.runtime, r.precision, f"{icon[r.status]} {r.status}", f(r.size_mb, ".1f"),
-                     f(r.parity_margin, ".2g"), f(r.images_per_s, ".1f"), f(r.p50_ms, ".1f"), f(r.p99_ms, ".1f"),
-                     f(r.spread, ".2f"), "-" if r.speedup is None else f"{r.speedup:.2f}x"))
+        rows.append((*((models[i],) if models else ()), r.label, r.runtime, r.precision, f"{icon[r.status]} {r.status}",
+                     f(r.size_mb, ".1f"), f(r.parity_margin, ".2g"), f(r.images_per_s, ".1f"), f(r.p50_ms, ".1f"),
+                     f(r.p99_ms, ".1f"), f(r.spread, ".2f"), "-" if r.speedup is None else f"{r.speedup:.2f}x"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -172,7 +172,7 @@ def _describe(value) -> str:
 
 
 def _short(value) -> str:
-    if isinstance(value, InertObject):
+    if isinstance(value, InertObject) and not len(value):
         return f"<{value.origin}>"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in list(value.items())[:4]) + ("…}" if len(value) > 4 else "}")

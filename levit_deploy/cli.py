@@ -188,6 +188,8 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     for step in m["fusion"]:
         print(f"fusion      {step['step']}: worst e/bound {step['worst_margin']:.2g}, max e/s "
               f"{step['max_e_over_s']:.1e} ok")
+    for op, form in m["model"].get("implementation_choices", {}).items():
+        print(f"chosen      {op}: {form} (the fastest measured form for {m['artifact']['format']})")
     p = m["parity"]
     if p["status"] == "pending":
         print(f"parity      pending: {p['reason']}")
@@ -316,11 +318,14 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
     if as_json:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2, default=str))
     else:
+        results = [b.BenchResult(**r) for doc in documents for r in doc["results"]]
+        models = [doc["model"] for doc in documents for _ in doc["results"]]
+        interrupted = any(doc["interrupted"] for doc in documents)
+        print(f"\n{', '.join(doc['model'] for doc in documents)} — {protocol.threads} thread(s), batch "
+              f"{documents[-1]['protocol']['batch']}, {documents[0]['machine']['cpu']['model']}"
+              f"{' (interrupted: partial results)' if interrupted else ''}")
+        print(b.format_table(results, models if len(documents) > 1 else None))
         for doc in documents:
-            results = [b.BenchResult(**r) for r in doc["results"]]
-            print(f"\n{doc['model']} — {protocol.threads} thread(s), batch {doc['protocol']['batch']}, "
-                  f"{doc['machine']['cpu']['model']}{' (interrupted: partial results)' if doc['interrupted'] else ''}")
-            print(b.format_table(results))
             if doc.get("plot"):
                 status(f"plot written to {doc['plot']}")
     if any(r["status"] != "ok" for doc in documents for r in doc["results"]):

@@ -93,6 +93,7 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     fusion = fuse_checked(model, reference)
     out_dir = Path(out_dir)
     with staging(out_dir) as folder:
+        choices = family.choose_for_target(fusion.model, backend.name, opts.precision, opts.target)
         staged = backend.write(fusion.model, folder, opts)
         files = {}
         for name in staged.names:
@@ -107,7 +108,7 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
                 write_json_atomic(failed, parity)
                 raise ExportParityError(report, failed)
         manifest = _manifest(model, backend, opts, staged, files, sum((folder / f).stat().st_size for f in files),
-                             fusion.reports, spec, parity)
+                             fusion.reports, spec, parity, choices)
         publish(staged, folder, out_dir, manifest)
         stale = out_dir / f"parity-failed-{to}.json"
         if stale.exists():
@@ -128,7 +129,7 @@ def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, re
 
 
 def _manifest(model: torch.nn.Module, backend, opts: ExportOptions, staged: StagedArtifact, files: dict[str, str],
-              size: int, fusion_reports: list[ParityReport], spec, parity: dict) -> dict:
+              size: int, fusion_reports: list[ParityReport], spec, parity: dict, choices: dict) -> dict:
     info = getattr(model, "load_info", None)
     cfg = model.config
     family = family_of(model)
@@ -141,7 +142,7 @@ def _manifest(model: torch.nn.Module, backend, opts: ExportOptions, staged: Stag
         "source": info.to_dict() if info else {"source": "in-memory model"},
         "model": {"family": family.name, "variant": cfg.name, "num_classes": cfg.num_classes,
                   "params": count_parameters(model), "flops": family.count_flops(cfg), "config": cfg.to_dict(),
-                  **family.describe(cfg)},
+                  **family.describe(cfg), "implementation_choices": choices},
         "labels": {"source": "imagenet-1k (bundled with levit-deploy)" if cfg.num_classes == 1000
                    else "class indices (no names for this head size; pass --labels)"},
         "export": {"precision": opts.precision, "batch": opts.batch,

@@ -14,11 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from layouts_ref import hf_model, hf_state_dict, write_layout  # noqa: E402
+from layouts_ref import hf_model, hf_state_dict, to_official, write_layout  # noqa: E402
 from trained_like import make_trained_like_  # noqa: E402
 
 SHARED_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "levit_128s_trained_like.pth"
 PERSISTENT_CACHE = Path(os.environ.get("LEVIT_DEPLOY_TEST_CACHE", Path(__file__).parent / ".cache"))
+FIXTURES: dict[str, Path] = {}  # "dir": the session's folder for checkpoint files (set by session_cache)
 
 
 def trained_like_hf(variant: str, calibration: str = "smooth", seed: int = 0, num_classes: int = 1000,
@@ -38,11 +39,42 @@ def _trained_like_hf(variant, calibration, seed, num_classes, distilled):
 
 
 @lru_cache(maxsize=None)
-def trained_like_model(variant: str, seed: int = 0):
-    """Our reference model loaded from the trained-like checkpoint (HF naming). Read-only."""
-    from levit_deploy.checkpoints import build_from_state_dict
+def trained_like_state_dict(variant: str, seed: int = 0) -> dict:
+    """A trained-like state dict of any family's variant, in its official key names. LeViT's comes from
+    Hugging Face's independent implementation; the others from our reference model, randomised and with
+    their BatchNorm statistics calibrated on smooth images (their independent implementations in the tests
+    are plain functions of a state dict and check the loaded model instead)."""
+    from levit_deploy.families import resolve_variant
 
-    return build_from_state_dict(hf_state_dict(trained_like_hf(variant, seed=seed)), "hf")
+    family, variant = resolve_variant(variant)
+    if family.name == "levit":
+        return hf_state_dict(trained_like_hf(variant, seed=seed))
+    model = family.randomize_(family.create(family.config(variant)), seed)
+    # 16 calibration images: these families have a handful of BatchNorms (LightViT's stem, LITv2's DTMs)
+    return {k: v.clone() for k, v in make_trained_like_(model, "smooth", n=16, seed=seed).state_dict().items()}
+
+
+@lru_cache(maxsize=None)
+def trained_like_file(variant: str, seed: int = 0) -> Path:
+    """The trained-like checkpoint of ``variant`` as its official code saves it, written once per session."""
+    from levit_deploy.families import resolve_variant
+
+    family, _ = resolve_variant(variant)
+    sd = trained_like_state_dict(variant, seed)
+    path = FIXTURES["dir"] / f"{variant}-seed{seed}.pth"
+    if family.name == "levit":
+        torch.save({"model": to_official(sd)}, path)
+    else:
+        torch.save({"epoch": 299, "model": sd, "ema_model": None, "optimizer": None}, path)
+    return path
+
+
+@lru_cache(maxsize=None)
+def trained_like_model(variant: str, seed: int = 0):
+    """Our reference model loaded from the trained-like checkpoint file, as a user would. Read-only."""
+    from levit_deploy.checkpoints import load
+
+    return load(trained_like_file(variant, seed))
 
 
 @lru_cache(maxsize=None)
@@ -63,6 +95,7 @@ def trained_like_checkpoint(folder: Path, variant: str, layout: str = "official"
 def session_cache(tmp_path_factory):
     """One levit-deploy cache per session; the ARM64 sysroot inside it persists between runs."""
     cache = tmp_path_factory.mktemp("levit-deploy-cache")
+    FIXTURES["dir"] = tmp_path_factory.mktemp("checkpoints")
     (PERSISTENT_CACHE / "arm64").mkdir(parents=True, exist_ok=True)
     (cache / "arm64").symlink_to(PERSISTENT_CACHE / "arm64", target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
@@ -92,34 +125,37 @@ def trained_128s_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def model_128s(trained_128s_path):
-    """The trained-like LeViT-128S loaded from its official-layout file, as a user would."""
-    import levit_deploy as ld
-
-    return ld.load(trained_128s_path)
+def model_128s():
+    """The trained-like LeViT-128S (shared, read-only)."""
+    return trained_like_model("levit_128s")
 
 
 @pytest.fixture(scope="session")
-def reference_128s(model_128s):
-    from levit_deploy.parity import build_reference_set
-
-    return build_reference_set(model_128s)
+def reference_128s():
+    return trained_like_reference("levit_128s")
 
 
 @pytest.fixture(scope="session")
-def artifact_128s(tmp_path_factory, model_128s, reference_128s):
-    """artifact_128s(target): the trained-like LeViT-128S exported to ``target`` once per session.
-    Read-only: copy it (``copy_artifact``) before changing anything."""
+def artifacts(tmp_path_factory):
+    """artifacts(variant, target): the trained-like ``variant`` exported to ``target`` once per session.
+    Read-only: copy one (``copy_artifact``) before changing anything."""
     import levit_deploy as ld
 
     made = {}
 
-    def get(target: str):
-        if target not in made:
-            made[target] = ld.export(model_128s, target, tmp_path_factory.mktemp(f"artifact-{target}"),
-                                     reference=reference_128s)
-        return made[target]
+    def get(variant: str, target: str):
+        if (variant, target) not in made:
+            made[variant, target] = ld.export(trained_like_model(variant), target,
+                                              tmp_path_factory.mktemp(f"{variant}-{target}"),
+                                              reference=trained_like_reference(variant))
+        return made[variant, target]
     return get
+
+
+@pytest.fixture(scope="session")
+def artifact_128s(artifacts):
+    """artifact_128s(target): the trained-like LeViT-128S exported to ``target`` (see ``artifacts``)."""
+    return lambda target: artifacts("levit_128s", target)
 
 
 def copy_artifact(artifact, folder: Path) -> Path:

@@ -74,6 +74,7 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or a
 
 
 @needs_qemu
+@pytest.mark.slow  # a minute under qemu; the native code path runs in the default suite
 def test_emulated_arm64_parity_on_a_trained_like_checkpoint(trained_128s_path):
     result = runner.invoke(app, ["bench", str(trained_128s_path), "--runtime", "ort", "--arch", "arm64", "--json"])
     assert result.exit_code == 0, result.output

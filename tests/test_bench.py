@@ -1,4 +1,5 @@
 """bench: the protocol's bookkeeping, the side-by-side table, sweep, plot and Ctrl-C."""
+import dataclasses
 import json
 
 import pytest
@@ -6,6 +7,7 @@ from typer.testing import CliRunner
 
 import levit_deploy as ld
 from levit_deploy import bench
+from levit_deploy.bench import BenchResult, format_table
 from levit_deploy.cli import app
 from levit_deploy.parity import build_reference_set
 
@@ -43,12 +45,20 @@ def test_side_by_side_table_and_json():
     assert "speed-up" in text.output and "✅ ok" in text.output
 
 
-def test_bench_on_a_trained_like_checkpoint(trained_128s_path):
-    result = runner.invoke(app, ["bench", str(trained_128s_path), "-r", "ort", "--batch", "2", *FAST, "--json"])
+def test_bench_of_two_families_side_by_side_on_trained_like_artifacts(artifacts):
+    """One JSON document per model, in the order given: what `bench lightvit_tiny levit_128s` measures (the
+    shared table's layout is checked on format_table below)."""
+    folders = [str(artifacts(v, "onnx").folder) for v in ("lightvit_tiny", "levit_128s")]
+    result = runner.invoke(app, ["bench", *folders, "--batch", "1", *FAST, "--json"])
     assert result.exit_code == 0, result.output
-    rows = {r["label"]: r for r in json.loads(result.stdout)["results"]}
-    assert set(rows) == {"torch unfused (eager)", "ort plain export (unfused)", "ort levit-deploy"}
-    assert all(r["status"] == "ok" and r["parity_passed"] for r in rows.values())
+    doc = json.loads(result.stdout)
+    assert [d["model"] for d in doc] == ["lightvit_tiny", "levit_128s"]
+    assert all(r["status"] == "ok" and r["parity_passed"] for d in doc for r in d["results"])
+    fields = {f.name for f in dataclasses.fields(BenchResult)}
+    results = [BenchResult(**{k: v for k, v in r.items() if k in fields}) for d in doc for r in d["results"]]
+    table = [line for line in format_table(results, [d["model"] for d in doc for _ in d["results"]]).splitlines()
+             if "artifact " in line]
+    assert [line.split()[0] for line in table] == ["lightvit_tiny", "levit_128s"]
 
 
 def test_sweep_and_plot(tmp_path):

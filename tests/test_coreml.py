@@ -9,19 +9,21 @@ from levit_deploy.backends import ExportError, RuntimeUnavailable
 from levit_deploy.cli import app
 
 from conftest import trained_like_model, trained_like_reference
-from variants import LEVIT
+from variants import EVERY_FAMILY_SMALLEST
 
 runner = CliRunner()
 on_mac = platform.system() == "Darwin"
 coreml = pytest.importorskip("coremltools", reason="coremltools not installed: pip install 'levit-deploy[coreml]'")
 
 
-@pytest.mark.parametrize("name", LEVIT)
-def test_coreml_every_variant_converts_and_validates(tmp_path, name):
-    model, reference = trained_like_model(name), trained_like_reference(name)
-    plain = ld.export(model, "coreml", tmp_path / "plain", reference=reference)
-    rich = ld.export(model, "coreml", tmp_path / "rich", image_input=True, labels=True, reference=reference)
-    for art, inputs, outputs in ((plain, ["pixel_values"], ["logits"]), (rich, ["image"], ["classLabel", "classLabel_probs"])):
+@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+def test_coreml_every_variant_converts_and_validates(tmp_path, artifacts, name):
+    packages = [(artifacts(name, "coreml"), ["pixel_values"], ["logits"])]
+    if "levit_128s" in name:  # an image input with labels too (test_coreml_image_input_... covers its details)
+        rich = ld.export(trained_like_model(name), "coreml", tmp_path / "rich", image_input=True, labels=True,
+                         reference=trained_like_reference(name))
+        packages.append((rich, ["image"], ["classLabel", "classLabel_probs"]))
+    for art, inputs, outputs in packages:
         c = art.manifest["artifact"]["coreml"]
         assert (c["inputs"], c["outputs"]) == (inputs, outputs)
         assert c["op_count"] > 100 and "conv" in c["op_types"] and "softmax" in c["op_types"]

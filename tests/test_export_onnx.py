@@ -17,27 +17,28 @@ from levit_deploy.env import MissingDependency, sha256_file
 from levit_deploy.export import ExportParityError
 from levit_deploy.parity import build_reference_set, compare, random_inputs
 
-from conftest import copy_artifact, trained_like_checkpoint, trained_like_hf, trained_like_model, trained_like_reference
+from conftest import copy_artifact, trained_like_checkpoint, trained_like_hf, trained_like_reference
 from layouts_ref import to_timm
-from variants import LEVIT
+from variants import EVERY_FAMILY_SMALLEST
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def exported_128s(model_128s, reference_128s, artifact_128s):
-    """A trained-like LeViT-128S (official layout), loaded as a user would, its ONNX artifact, its reference set."""
+    """The trained-like LeViT-128S, its ONNX artifact, its reference set."""
     return model_128s, artifact_128s("onnx"), reference_128s
 
 
-@pytest.mark.parametrize("name", LEVIT)
-def test_every_variant_exports_and_matches_in_ort(tmp_path, name):
-    model, reference = trained_like_model(name), trained_like_reference(name)
-    artifact = ld.export(model, "onnx", tmp_path, reference=reference)
+@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+def test_every_variant_of_every_family_exports_and_matches_in_ort(artifacts, name):
+    reference = trained_like_reference(name)
+    artifact = artifacts(name, "onnx")
     p = artifact.manifest["parity"]
     assert p["status"] == "passed" and p["worst_margin"] <= 1 and p["inputs"] == reference.describe()
     assert {k["kind"] for k in p["kinds"]} == {"photos", "noise", "synthetic"}
-    with ld.open_runtime(tmp_path) as rt:
+    assert onnx.load(str(artifact.path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch axis
+    with ld.open_runtime(artifact.folder) as rt:
         for batch in (1, 7, 32):  # dynamic batch: the same rule at every batch size
             tiled = reference.subset(np.resize(np.arange(len(reference)), batch))
             report = compare(tiled, rt, "fp32", batch=batch)
@@ -87,12 +88,12 @@ def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
     for key in ("artifact", "source", "model", "labels", "export", "fusion", "preprocessing", "parity", "versions",
                 "machine"):
         assert key in m
-    assert m["export"]["options"] == {"opset": 18, "simplify": True} and m["artifact"]["opset"] >= 17
+    assert m["export"]["options"] == {"opset": 20, "simplify": True} and m["artifact"]["opset"] >= 17
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m["versions"])
     assert m["machine"]["cpu"]["model"] and "isa" in m["machine"]["cpu"]
     assert m["preprocessing"]["channel_order"] == "RGB" and m["preprocessing"]["interpolation"] == "bicubic"
     assert len(m["fusion"]) == 5 and all(step["passed"] for step in m["fusion"])
-    assert m["source"]["layout"] == "official" and m["model"]["params"] == 7_777_058
+    assert m["source"]["layout"] == "official" and m["model"]["params"] == 7_777_058 and m["model"]["family"] == "levit"
     per_input = m["parity"]["per_input"]
     assert len(per_input) == 15 and {p["decided_by"] for p in per_input} == {"tolerance", "floor"}
 
@@ -138,10 +139,10 @@ def test_parity_failure_exits_nonzero_and_keeps_no_artifact(tmp_path, monkeypatc
     import levit_deploy.backends.onnx as onnx_exporter
     real = onnx_exporter._torch_export
 
-    def corrupted(deploy, *args):
+    def corrupted(deploy, *args, **kwargs):
         with torch.no_grad():
             deploy.head.linear.bias.add_(0.5)  # a plausible exporter bug: a wrong constant
-        real(deploy, *args)
+        real(deploy, *args, **kwargs)
 
     monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
     with pytest.raises(ExportParityError):
@@ -155,10 +156,10 @@ def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
     import levit_deploy.backends.onnx as onnx_exporter
     real = onnx_exporter._torch_export
 
-    def corrupted(deploy, *args):
+    def corrupted(deploy, *args, **kwargs):
         with torch.no_grad():
             deploy.stem[0].bias.add_(1.0)
-        real(deploy, *args)
+        real(deploy, *args, **kwargs)
 
     monkeypatch.setattr(onnx_exporter, "_torch_export", corrupted)
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out",

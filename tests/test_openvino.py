@@ -9,8 +9,7 @@ import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.parity import compare
 
-from conftest import trained_like_model, trained_like_reference
-from variants import LEVIT
+from variants import EVERY_FAMILY_SMALLEST
 
 pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'levit-deploy[openvino]'")
 runner = CliRunner()
@@ -23,12 +22,12 @@ def weight_types(xml_path) -> set[str]:
             for d in layer.iter("data") if d.get("element_type")}
 
 
-@pytest.mark.parametrize("name", LEVIT)
-def test_openvino_fp32_every_variant_passes_the_fp32_rule(tmp_path, name):
-    art = ld.export(trained_like_model(name), "openvino", tmp_path, reference=trained_like_reference(name))
+@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+def test_openvino_fp32_every_variant_passes_the_fp32_rule(artifacts, name):
+    art = artifacts(name, "openvino")
     p = art.manifest["parity"]
     assert p["status"] == "passed" and p["precision"] == "fp32" and p["worst_margin"] <= 1
-    assert "f16" not in weight_types(tmp_path / "model.xml")  # fp32 really is fp32
+    assert "f16" not in weight_types(art.folder / "model.xml")  # fp32 really is fp32
     assert art.manifest["artifact"]["ir_weights"] == "fp32"
 
 

@@ -1,10 +1,22 @@
-"""Which variants a test runs on: the default run (`make test`) takes each family's smallest and largest,
-`make test-all` every variant (the others are marked slow)."""
+"""Which variants a test runs on. The default run (`make test`) takes each family's smallest and largest
+variant for loading, the independent implementation and fusion, and the smallest for exports (the
+export code does not depend on the variant, and exporting the largest costs a minute each); `make
+test-all` runs every variant everywhere (the rest are marked slow)."""
 import pytest
+
+LEVIT_NAMES = ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
+LIGHTVIT_NAMES = ["lightvit_tiny", "lightvit_small", "lightvit_base"]
+LITV2_NAMES = ["litv2_s", "litv2_m", "litv2_b"]
 
 
 def matrix(names: list[str], default: tuple[str, ...]) -> list:
     return [pytest.param(n, marks=() if n in default else pytest.mark.slow) for n in names]
 
 
-LEVIT = matrix(["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"], ("levit_128s", "levit_384"))
+LEVIT = matrix(LEVIT_NAMES, (LEVIT_NAMES[0], LEVIT_NAMES[-1]))
+LEVIT_SMALLEST = matrix(LEVIT_NAMES, (LEVIT_NAMES[0],))
+LIGHTVIT = matrix(LIGHTVIT_NAMES, (LIGHTVIT_NAMES[0], LIGHTVIT_NAMES[-1]))
+LIGHTVIT_SMALLEST = matrix(LIGHTVIT_NAMES, (LIGHTVIT_NAMES[0],))
+LITV2 = matrix(LITV2_NAMES, (LITV2_NAMES[0], LITV2_NAMES[-1]))
+LITV2_SMALLEST = matrix(LITV2_NAMES, (LITV2_NAMES[0],))
+EVERY_FAMILY_SMALLEST = LEVIT_SMALLEST + LIGHTVIT_SMALLEST + LITV2_SMALLEST

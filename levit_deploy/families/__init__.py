@@ -13,7 +13,7 @@ from torch import nn
 from ..preprocess import PreprocessSpec
 from .base import CheckpointMismatch, Detection, Family, NotRecognised
 
-MODULES = ("levit",)
+MODULES = ("levit", "lightvit", "litv2")
 
 
 @lru_cache(maxsize=1)

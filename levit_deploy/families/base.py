@@ -104,6 +104,12 @@ class Family(ABC):
         """Facts about the model for the manifest beyond variant, classes, params and FLOPs."""
         return {}
 
+    def choose_for_target(self, model: nn.Module, target: str, precision: str, options: Any) -> dict:
+        """Set the deploy model up for export to ``target`` (in ``precision``, with the target's ``options``)
+        where the family has equivalent implementations of an op (e.g. LITv2's deformable-conv sampler);
+        returns the choices, recorded in the manifest."""
+        return {}
+
     @abstractmethod
     def count_flops(self, config: Any) -> int:
         """Multiply-adds per image, counted the way the family's paper counts them."""
@@ -197,6 +203,42 @@ def fold_norm_into_linear(norm: nn.LayerNorm, linears: list[nn.Linear]) -> nn.La
             else:
                 lin.bias.copy_(new_b.to(lin.bias.dtype))
     return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False).to(norm.weight.device)
+
+
+def expected_shapes(make: Callable[[Any], nn.Module], config: Any) -> dict[str, tuple]:
+    """Every state_dict key of ``make(config)`` and its shape, without allocating weights."""
+    with torch.device("meta"):
+        model = make(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def match_variant(sd: dict[str, torch.Tensor], title: str, configs: list[Any], make: Callable[[Any], nn.Module]) -> Any:
+    """The config whose model has exactly the keys and shapes of ``sd``; else CheckpointMismatch naming the
+    closest variant and its first mismatches."""
+    scored = []
+    for config in configs:
+        expected = expected_shapes(make, config)
+        missing = [k for k in expected if k not in sd]
+        wrong = [f"{k}: found {tuple(sd[k].shape)}, expected {expected[k]}" for k in expected
+                 if k in sd and tuple(sd[k].shape) != expected[k]]
+        unexpected = [k for k in sd if k not in expected]
+        if not (missing or wrong or unexpected):
+            return config
+        scored.append((len(missing) + len(wrong) + len(unexpected), config.name, missing, wrong, unexpected))
+    _, name, missing, wrong, unexpected = min(scored)
+    problems = ([f"shape {w}" for w in wrong[:3]] + [f"missing {k}" for k in missing[:3]]
+                + [f"unexpected {k}" for k in unexpected[:3]])
+    raise CheckpointMismatch(
+        f"{title} ({configs[0].num_classes} classes) but the tensors match no variant; closest is {name} "
+        f"({len(missing)} missing, {len(wrong)} wrong shape, {len(unexpected)} unexpected keys). First "
+        f"mismatches: {'; '.join(problems[:5])}")
+
+
+def split_last(t: torch.Tensor, width: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """``t.chunk(parts, -1)`` as plain slices of ``width`` channels. torch.onnx's dynamo exporter writes a
+    chunk as SplitToSequence + SequenceAt, which ONNX Runtime runs as copies into a tensor sequence; slices
+    stay Slice ops it fuses (LightViT-S, batch 16, 1 thread: the whole model ran 1.26x slower with chunks)."""
+    return tuple(t[..., i * width:(i + 1) * width] for i in range(parts))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,65 @@
+"""LightViT (Huang et al. 2022): three variants, hunto's checkpoint layout, three fusion steps."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...preprocess import IMAGENET_EVAL
+from ..base import Detection, Family
+from . import fusion
+from .config import ALIASES, VARIANTS, LightViTConfig, get_config
+from .layouts import detect_variant, with_own_index_tables
+from .model import LightViT, count_flops
+
+
+class LightViTFamily(Family):
+    name = "lightvit"
+    title = "LightViT (Huang et al. 2022)"
+    variants = VARIANTS
+    aliases = ALIASES
+    # lib/dataset/transform.py build_val_transforms with configs/strategies/lightvit/config.yaml: resize the
+    # shorter side to 256 (bicubic), centre-crop 224, ImageNet mean/std
+    specs = {"official": dataclasses.replace(IMAGENET_EVAL, source="official")}
+    deploy_stage = "deploy model"
+    random_std = {"relative_position_bias_table": 1.0, "global_token": 1.0}
+
+    def config(self, variant: str, num_classes: int | None = None) -> LightViTConfig:
+        return get_config(variant, num_classes)
+
+    def create(self, config: LightViTConfig) -> LightViT:
+        return LightViT(config).eval()
+
+    def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
+        config = detect_variant(sd)
+        fixed, differed = with_own_index_tables(sd, config.window)
+        notes = [f"{len(differed)} relative_position_index tables differed from the 7x7 window's (an EMA blends "
+                 f"integer buffers too) and were recomputed"] if differed else []
+        return Detection("official", config, {"global_tokens": config.num_tokens}, notes=notes, state=fixed)
+
+    def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> LightViT:
+        model = LightViT(detection.config)
+        model.load_state_dict(detection.state, strict=True)
+        return model.eval()
+
+    def fusion_steps(self):
+        return fusion.STEPS
+
+    def assemble(self, model: LightViT) -> LightViT:
+        return model  # the steps leave the model deploy-ready: no BatchNorm, no index tables, no affine to fold
+
+    def input_size_error(self, config: LightViTConfig, size: int) -> str | None:
+        if size == config.img_size:
+            return None
+        return (f"LightViT runs at {config.img_size}x{config.img_size} only: its 7x7 attention windows have no "
+                f"padding, so the token grid must be a multiple of 7 at every stage (28, 14, 7 at 224), and the "
+                f"official code freezes that grid; only the batch axis may be dynamic")
+
+    def describe(self, config: LightViTConfig) -> dict:
+        return {"global_tokens": config.num_tokens}
+
+    def count_flops(self, config: LightViTConfig) -> int:
+        return count_flops(config)
+
+
+FAMILY = LightViTFamily()
