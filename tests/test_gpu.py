@@ -1,6 +1,7 @@
 """GPU paths: TensorRT, the torch runtime on CUDA, bench --device cuda; clear errors without them."""
 import importlib.util
 import json
+import types
 
 import pytest
 import torch
@@ -38,6 +39,62 @@ def test_tensorrt_export_without_tensorrt_is_one_line(tmp_path):
     assert result.exit_code == 2 and not out.exists()  # nothing left behind
     line = [l for l in result.output.splitlines() if l.startswith("error:")][0]
     assert "pip install 'levit-deploy[tensorrt]'" in line
+
+
+def fake_tensorrt(version: str, drop: str | None = None, strongly_typed: bool = True):
+    """A stand-in tensorrt module holding exactly the names the backend uses (minus ``drop``)."""
+    from levit_deploy.backends.tensorrt import USED_NAMES
+
+    root = types.SimpleNamespace(__version__=version)
+    for name in USED_NAMES + ("NetworkDefinitionCreationFlag",):
+        if name == drop:
+            continue
+        obj = root
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                setattr(obj, part, types.SimpleNamespace())
+            obj = getattr(obj, part)
+    if strongly_typed:
+        root.NetworkDefinitionCreationFlag.STRONGLY_TYPED = 0
+    return root
+
+
+def test_tensorrt_api_drift_is_one_line_naming_what_is_missing():
+    """Runs without TensorRT: the check itself, against stand-ins for 10.x, 11.x and a future 12."""
+    from levit_deploy.backends.tensorrt import check_api, strongly_typed_flags
+
+    check_api(fake_tensorrt("11.4.0.106"))
+    check_api(fake_tensorrt("10.13.3"))
+    with pytest.raises(RuntimeUnavailable, match=r"TensorRT 11\.4\.0 lacks IExecutionContext\.execute_async_v3, "
+                                                 r"which levit-deploy's TensorRT backend uses"):
+        check_api(fake_tensorrt("11.4.0", drop="IExecutionContext.execute_async_v3"))
+    with pytest.raises(RuntimeUnavailable, match="lacks NetworkDefinitionCreationFlag.STRONGLY_TYPED"):
+        check_api(fake_tensorrt("10.0.1", strongly_typed=False))
+    with pytest.raises(RuntimeUnavailable, match=r"TensorRT 12\.0 is installed; levit-deploy supports TensorRT 10\.x "
+                                                 r"and 11\.x: pip install 'tensorrt>=10,<12'"):
+        check_api(fake_tensorrt("12.0"))
+    assert strongly_typed_flags(fake_tensorrt("10.13.3")) == 1 and strongly_typed_flags(fake_tensorrt("11.4.0")) == 0
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed: pip install 'levit-deploy[tensorrt]' (its "
+                                        "libraries download from pypi.nvidia.com), then run pytest tests/test_gpu.py")
+def test_every_tensorrt_name_we_use_exists_in_the_installed_tensorrt():
+    import tensorrt as trt
+
+    from levit_deploy.backends.tensorrt import check_api
+
+    check_api(trt)  # raises, naming them, if any is missing
+    if int(trt.__version__.split(".")[0]) >= 11:
+        assert not hasattr(trt.BuilderFlag, "FP16")  # weak typing really is gone: we must not need it
+
+
+@pytest.mark.skipif(not HAS_TRT or HAS_CUDA, reason="needs the tensorrt package on a machine without a GPU")
+def test_tensorrt_export_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "trt"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "tensorrt", "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NVIDIA GPU" in errors[0] and "Traceback" not in result.output
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message shown without a GPU")

@@ -1,9 +1,16 @@
-"""TensorRT engine from the fused ONNX graph (TensorRT 10 Python API), run on a CUDA stream.
+"""TensorRT engine from the fused ONNX graph, run on a CUDA stream. TensorRT 10 and 11, one code path.
 
-An optimisation profile spans the batch axis (1 .. max, tuned for opt), precision flags follow
---precision (fp32 also turns TF32 off, so fp32 means fp32), and a timing cache per GPU and TensorRT
-version is reused across builds. An engine is only valid on the GPU model and TensorRT version it
-was built with; both are recorded, and the runtime refuses anything else.
+TensorRT 11 removed weak typing (``BuilderFlag.FP16``/``BF16``/``INT8``, the precision constraints, the
+calibrator): a network computes in the types its graph declares. So every engine is built from a strongly
+typed network, and the precision comes from the graph: fp16 and bf16 engines from the fp16 / bf16 ONNX
+graphs the ONNX exporter writes (float32 interface kept), fp32 from the fp32 graph with TF32 off, so fp32
+means fp32. TensorRT 10 builds the same way (its ``STRONGLY_TYPED`` network flag; 11 needs none).
+
+Every TensorRT name used here is checked against the installed module before anything runs
+(:func:`check_api`), so an API drift is one line naming what is missing, not an AttributeError mid-build.
+An optimisation profile spans the batch axis (1 .. max, tuned for opt) and a timing cache per GPU and
+TensorRT version is reused. An engine is only valid on the GPU model and TensorRT version it was built
+with; both are recorded, and the runtime refuses anything else.
 """
 from __future__ import annotations
 
@@ -15,9 +22,51 @@ import torch
 from ..artifacts import StagedArtifact
 from ..env import cache_dir, write_atomic
 from .base import Backend, ExportError, Runtime, RuntimeUnavailable
-from .onnx import write_onnx
+from .onnx import OnnxOptions, write_onnx
 
 WORKSPACE_BYTES = 4 << 30
+SUPPORTED_MAJORS = (10, 11)
+#: every module attribute this file uses (classes, enum members, methods looked up on their classes)
+USED_NAMES = (
+    "Logger", "Logger.WARNING", "Builder", "Builder.create_network", "Builder.create_builder_config",
+    "Builder.create_optimization_profile", "Builder.build_serialized_network", "OnnxParser", "OnnxParser.parse",
+    "OnnxParser.get_error", "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.clear_flag",
+    "IBuilderConfig.add_optimization_profile", "IBuilderConfig.create_timing_cache",
+    "IBuilderConfig.set_timing_cache", "IBuilderConfig.get_timing_cache", "IOptimizationProfile.set_shape",
+    "ITimingCache.serialize", "MemoryPoolType.WORKSPACE", "BuilderFlag.TF32", "Runtime",
+    "Runtime.deserialize_cuda_engine", "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_name",
+    "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_profile_shape", "ICudaEngine.get_tensor_shape",
+    "ICudaEngine.num_io_tensors", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT", "IExecutionContext.set_input_shape",
+    "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+)
+
+
+def check_api(trt) -> None:
+    """One line naming every TensorRT attribute this backend needs that the installed version lacks."""
+    version = getattr(trt, "__version__", "?")
+    major = int(version.split(".")[0]) if version[:1].isdigit() else 0
+    if major not in SUPPORTED_MAJORS:
+        raise RuntimeUnavailable(f"TensorRT {version} is installed; levit-deploy supports TensorRT 10.x and 11.x: "
+                                 f"pip install 'tensorrt>=10,<12'")
+    missing = []
+    for name in USED_NAMES:
+        obj = trt
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                missing.append(name)
+                break
+    if major == 10 and not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        missing.append("NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+    if missing:
+        raise RuntimeUnavailable(f"TensorRT {version} lacks {', '.join(missing)}, which levit-deploy's TensorRT "
+                                 f"backend uses; supported: TensorRT 10.x and 11.x")
+
+
+def strongly_typed_flags(trt) -> int:
+    """Network creation flags: STRONGLY_TYPED where it exists (TensorRT 10); 11 is always strongly typed."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 1 << int(flag) if flag is not None and int(trt.__version__.split(".")[0]) < 11 else 0
 
 
 @dataclass
@@ -35,6 +84,7 @@ def gpu_identity() -> dict:
 
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     trt = BACKEND.require("TensorRT export")
+    check_api(trt)
     identity = gpu_identity()
     if opts.batch == "dynamic":
         max_batch = opts.target.max_batch
@@ -43,22 +93,20 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
         max_batch = opt_batch = int(opts.batch)
     onnx_dir = staging / "onnx"
     onnx_dir.mkdir()
-    staged = write_onnx(model, onnx_dir, "fp32", "dynamic")
+    # the graph's types are the engine's; opset 19, which every TensorRT 10 and 11 parser reads
+    staged = write_onnx(model, onnx_dir, opts.precision, "dynamic", OnnxOptions(opset=19))
     onnx_bytes = (onnx_dir / staged.file).read_bytes()
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT could not parse the fused ONNX graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if opts.precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-    else:
-        config.set_flag(trt.BuilderFlag.FP16 if opts.precision == "fp16" else trt.BuilderFlag.BF16)
+    config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32; fp16/bf16 come from the graph
     size = model.config.img_size
     profile = builder.create_optimization_profile()
     profile.set_shape("pixel_values", (1, 3, size, size), (opt_batch, 3, size, size), (max_batch, 3, size, size))
@@ -75,7 +123,7 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     for f in onnx_dir.iterdir():
         f.unlink()
     onnx_dir.rmdir()
-    details = {**identity, "tensorrt": trt.__version__, "profile": {"min": 1, "opt": opt_batch, "max": max_batch},
+    details = {**identity, "tensorrt": trt.__version__, "strongly_typed": True, "graph_precision": opts.precision, "profile": {"min": 1, "opt": opt_batch, "max": max_batch},
                "timing_cache": str(cache_file)}
     return StagedArtifact(file="model.engine", details=details,
                           runtime_options={"built_for": {"gpu": identity["gpu"], "tensorrt": trt.__version__}})
@@ -95,6 +143,7 @@ class TensorRtRuntime(Runtime):
 
     def _open(self) -> None:
         trt = BACKEND.require("the 'tensorrt' runtime")
+        check_api(trt)
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("tensorrt runtime: no CUDA GPU visible to PyTorch on this machine")
         gpu = torch.cuda.get_device_name(0)
