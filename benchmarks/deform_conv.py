@@ -28,17 +28,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 from litv2_ref import deform_conv_tent  # noqa: E402
 
 from levit_deploy.families import get_family  # noqa: E402
-from levit_deploy.families.litv2.deform import METHODS  # noqa: E402
+from levit_deploy.families.litv2.deform import METHODS, onnx_translations  # noqa: E402
 from levit_deploy.families.litv2.model import DeformConv2dPack  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    translations = getattr(module, "onnx_translations", lambda: {})()
-    if not translations and any(getattr(m, "method", None) == "deformconv" for m in module.modules()):
-        from levit_deploy.families.litv2.deform import onnx_translations
-        translations = onnx_translations()
+    opaque = any(getattr(m, "method", None) == "deformconv" for m in module.modules())
+    translations = onnx_translations() if opaque else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=19, verbose=False,

@@ -62,7 +62,8 @@ def test_deformable_conv_matches_the_official_kernel_transcription(kernel, strid
         ours = deform_conv2d(x, offset, weight, bias, c_in, kernel, stride, padding, size, method)
         assert torch.allclose(ours, expected, atol=1e-12), method
     if size[0] == size[1]:
-        assert torch.allclose(deform_conv2d_op(x, offset, weight, bias, stride, padding), expected, atol=1e-12)
+        assert torch.allclose(deform_conv2d_op(x, offset, weight, bias, kernel, stride, padding), expected,
+                              atol=1e-12)
     # zero offsets: a plain strided convolution, as the official init
     zero = deform_conv2d(x, torch.zeros_like(offset), weight, bias, c_in, kernel, stride, padding, size)
     assert torch.allclose(zero, torch.nn.functional.conv2d(x, weight, bias, stride, padding), atol=1e-12)

@@ -93,12 +93,16 @@ class Family(ABC):
     def assemble(self, model: nn.Module) -> nn.Module:
         """The fully transformed reference model repackaged as the deploy model every exporter sees."""
 
+    #: why only the configured input size runs (shown when another is asked for)
+    fixed_size_reason: str = ""
+
     def input_size_error(self, config: Any, size: int) -> str | None:
-        """Why ``size`` cannot run (None if it can). Default: only the configured size runs."""
+        """Why ``size`` cannot run (None if it can): only the configured size runs."""
         if size == config.img_size:
             return None
-        return (f"{config.name} runs at {config.img_size}x{config.img_size} only, not {size}x{size}; only the batch "
-                f"axis may be dynamic")
+        reason = f": {self.fixed_size_reason}" if self.fixed_size_reason else ""
+        return (f"{config.name} runs at {config.img_size}x{config.img_size} only, not {size}x{size}{reason}; only "
+                f"the batch axis may be dynamic")
 
     def describe(self, config: Any) -> dict:
         """Facts about the model for the manifest beyond variant, classes, params and FLOPs."""
@@ -212,16 +216,19 @@ def expected_shapes(make: Callable[[Any], nn.Module], config: Any) -> dict[str, 
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def match_variant(sd: dict[str, torch.Tensor], title: str, configs: list[Any], make: Callable[[Any], nn.Module]) -> Any:
-    """The config whose model has exactly the keys and shapes of ``sd``; else CheckpointMismatch naming the
-    closest variant and its first mismatches."""
+def match_variant(sd: dict[str, torch.Tensor], title: str, configs: list[Any],
+                  expected: Callable[[Any], dict[str, tuple]], ignorable: Callable[[str], bool] = lambda k: False
+                  ) -> Any:
+    """The config whose expected keys and shapes (``expected(config)``) ``sd`` has exactly (keys for which
+    ``ignorable`` holds may be extra); else CheckpointMismatch naming the closest variant and its first
+    mismatches. ``title``: what was recognised, e.g. "LeViT timm layout"."""
     scored = []
     for config in configs:
-        expected = expected_shapes(make, config)
-        missing = [k for k in expected if k not in sd]
-        wrong = [f"{k}: found {tuple(sd[k].shape)}, expected {expected[k]}" for k in expected
-                 if k in sd and tuple(sd[k].shape) != expected[k]]
-        unexpected = [k for k in sd if k not in expected]
+        shapes = expected(config)
+        missing = [k for k in shapes if k not in sd]
+        wrong = [f"{k}: found {tuple(sd[k].shape)}, expected {shapes[k]}" for k in shapes
+                 if k in sd and tuple(sd[k].shape) != shapes[k]]
+        unexpected = [k for k in sd if k not in shapes and not ignorable(k)]
         if not (missing or wrong or unexpected):
             return config
         scored.append((len(missing) + len(wrong) + len(unexpected), config.name, missing, wrong, unexpected))

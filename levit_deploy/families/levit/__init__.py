@@ -19,6 +19,8 @@ class LevitFamily(Family):
     title = "LeViT (Graham et al. 2021)"
     variants = VARIANTS
     aliases = ALIASES
+    fixed_size_reason = ("its attention-bias index tables are built for the 14x14 token grid of a 224x224 "
+                         "input")
     specs = {
         "official": dataclasses.replace(IMAGENET_EVAL, source="official"),
         "hf": dataclasses.replace(IMAGENET_EVAL, source="hf"),
@@ -69,13 +71,6 @@ class LevitFamily(Family):
 
     def assemble(self, model: Levit):
         return fusion.assemble(model)
-
-    def input_size_error(self, config: LevitConfig, size: int) -> str | None:
-        if size == config.img_size:
-            return None
-        return (f"LeViT runs at {config.img_size}x{config.img_size} only: its attention-bias index tables are "
-                f"built for a {config.img_size // 16}x{config.img_size // 16} token grid, so another input size "
-                f"({size}) cannot run; only the batch axis may be dynamic")
 
     def describe(self, config: LevitConfig) -> dict:
         return {"distilled": config.distilled,

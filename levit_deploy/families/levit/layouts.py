@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import CheckpointMismatch, NotRecognised
+from ..base import CheckpointMismatch, NotRecognised, match_variant
 from .config import VARIANTS, LevitConfig, get_config
 from .model import Levit, attention_bias_idxs
 
@@ -188,14 +188,6 @@ def flatten_conv_mode(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return {k: (v.flatten(1) if v.dim() == 4 and v.shape[2:] == (1, 1) else v) for k, v in sd.items()}, "conv"
 
 
-def _mismatches(sd: dict, expected: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
-    missing = [k for k in expected if k not in sd]
-    wrong = [f"{k}: found {tuple(sd[k].shape)}, expected {expected[k]}"
-             for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
-    return missing, wrong, unexpected
-
-
 def _ignorable(key: str) -> bool:
     return key.endswith(("attention_bias_idxs", BN_COUNTER))
 
@@ -204,20 +196,9 @@ def detect_variant(sd: dict[str, torch.Tensor]) -> tuple[str, str, LevitConfig]:
     """(layout, hf_prefix, config) of a linear-mode state dict; CheckpointMismatch if no variant fits."""
     layout, hf_prefix = detect_layout(sd)
     num_classes, distilled = _head_shape(sd, layout)
-    scored = []
-    for name in VARIANTS:
-        config = get_config(name, num_classes, distilled)
-        missing, wrong, unexpected = _mismatches(sd, expected_shapes(config, layout, hf_prefix))
-        if not (missing or wrong or unexpected):
-            return layout, hf_prefix, config
-        scored.append((len(missing) + len(wrong) + len(unexpected), name, missing, wrong, unexpected))
-    _, name, missing, wrong, unexpected = min(scored)
-    problems = ([f"shape {w}" for w in wrong[:3]] + [f"missing {k}" for k in missing[:3]]
-                + [f"unexpected {k}" for k in unexpected[:3]])
-    raise CheckpointMismatch(
-        f"LeViT {layout} layout ({num_classes} classes) but the tensors match no LeViT variant; "
-        f"closest is {name} ({len(missing)} missing, {len(wrong)} wrong shape, {len(unexpected)} unexpected "
-        f"keys). First mismatches: {'; '.join(problems[:5])}")
+    config = match_variant(sd, f"LeViT {layout} layout", [get_config(n, num_classes, distilled) for n in VARIANTS],
+                           lambda c: expected_shapes(c, layout, hf_prefix), _ignorable)
+    return layout, hf_prefix, config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ class LightViTFamily(Family):
     title = "LightViT (Huang et al. 2022)"
     variants = VARIANTS
     aliases = ALIASES
+    fixed_size_reason = ("its 7x7 attention windows have no padding, so the token grid must be a multiple of 7 "
+                         "at every stage (28, 14, 7 at 224), and the official code freezes that grid")
     # lib/dataset/transform.py build_val_transforms with configs/strategies/lightvit/config.yaml: resize the
     # shorter side to 256 (bicubic), centre-crop 224, ImageNet mean/std
     specs = {"official": dataclasses.replace(IMAGENET_EVAL, source="official")}
@@ -47,13 +49,6 @@ class LightViTFamily(Family):
 
     def assemble(self, model: LightViT) -> LightViT:
         return model  # the steps leave the model deploy-ready: no BatchNorm, no index tables, no affine to fold
-
-    def input_size_error(self, config: LightViTConfig, size: int) -> str | None:
-        if size == config.img_size:
-            return None
-        return (f"LightViT runs at {config.img_size}x{config.img_size} only: its 7x7 attention windows have no "
-                f"padding, so the token grid must be a multiple of 7 at every stage (28, 14, 7 at 224), and the "
-                f"official code freezes that grid; only the batch axis may be dynamic")
 
     def describe(self, config: LightViTConfig) -> dict:
         return {"global_tokens": config.num_tokens}

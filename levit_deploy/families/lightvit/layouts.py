@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from ..base import CheckpointMismatch, NotRecognised, match_variant
+from ..base import CheckpointMismatch, NotRecognised, expected_shapes, match_variant
 from .config import VARIANTS, LightViTConfig, get_config
 from .model import LightViT, relative_position_index
 
@@ -22,7 +22,8 @@ def detect_variant(sd: dict[str, torch.Tensor]) -> LightViTConfig:
         raise CheckpointMismatch("LightViT checkpoint without a classification head (no 'head.weight'); a "
                                  "backbone-only checkpoint cannot be deployed as a classifier")
     num_classes = int(sd["head.weight"].shape[0])
-    return match_variant(sd, "LightViT official layout", [get_config(n, num_classes) for n in VARIANTS], LightViT)
+    return match_variant(sd, "LightViT official layout", [get_config(n, num_classes) for n in VARIANTS],
+                         lambda config: expected_shapes(LightViT, config))
 
 
 def with_own_index_tables(sd: dict[str, torch.Tensor], window: int) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -26,10 +26,11 @@ class LITv2Family(Family):
     title = "LITv2 (Pan et al. 2022)"
     variants = VARIANTS
     aliases = ALIASES
+    fixed_size_reason = ("the official code fixes every stage's token grid at construction (56, 28, 14, 7 at 224) "
+                         "and its Hi-Fi windows have no padding")
     # classification/data/build.py build_transform(is_train=False) at 224 with TEST.CROP: resize the shorter
     # side to int(256/224 * 224) = 256 (bicubic), centre-crop 224, ImageNet mean/std
     specs = {"official": dataclasses.replace(IMAGENET_EVAL, source="official")}
-    random_std = {}
 
     def config(self, variant: str, num_classes: int | None = None) -> LITv2Config:
         return get_config(variant, num_classes)
@@ -58,13 +59,6 @@ class LITv2Family(Family):
             method = "gather"
         model.set_deform_method(method)
         return {"deformable_conv": method}
-
-    def input_size_error(self, config: LITv2Config, size: int) -> str | None:
-        if size == config.img_size:
-            return None
-        return (f"LITv2 runs at {config.img_size}x{config.img_size} only: the official code fixes every stage's "
-                f"token grid at construction (56, 28, 14, 7 at 224) and its Hi-Fi windows have no padding; only the "
-                f"batch axis may be dynamic")
 
     def describe(self, config: LITv2Config) -> dict:
         return {"alpha": config.alpha, "local_windows": list(config.local_ws)}

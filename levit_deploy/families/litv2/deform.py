@@ -86,17 +86,16 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, b
 
 
 @torch.library.custom_op("levit_deploy::deform_conv2d", mutates_args=())
-def deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
-                     padding: int) -> torch.Tensor:
+def deform_conv2d_op(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel: int,
+                     stride: int, padding: int) -> torch.Tensor:
     """One opaque op for exporters that have a deformable convolution of their own (ONNX ``DeformConv``,
     opset 19; ONNX Runtime implements it, OpenVINO's ONNX reader does not); eager it is the gather form."""
     size = (x.shape[2], x.shape[3])
-    return deform_conv2d(x, offset, weight, bias, x.shape[1], weight.shape[2], stride, padding, size, "gather")
+    return deform_conv2d(x, offset, weight, bias, x.shape[1], kernel, stride, padding, size, "gather")
 
 
 @deform_conv2d_op.register_fake
-def _(x, offset, weight, bias, stride, padding):
-    kernel = weight.shape[2]
+def _(x, offset, weight, bias, kernel, stride, padding):
     return x.new_empty(x.shape[0], weight.shape[0], (x.shape[2] + 2 * padding - kernel) // stride + 1,
                        (x.shape[3] + 2 * padding - kernel) // stride + 1)
 
@@ -105,8 +104,8 @@ def onnx_translations() -> dict:
     """torch.onnx (dynamo) translation of :func:`deform_conv2d_op` into ONNX ``DeformConv``."""
     from onnxscript import opset19 as op
 
-    def deform_conv(x, offset, weight, bias, stride: int, padding: int):
-        return op.DeformConv(x, weight, offset, bias, kernel_shape=[2, 2], strides=[stride, stride],
+    def deform_conv(x, offset, weight, bias, kernel: int, stride: int, padding: int):
+        return op.DeformConv(x, weight, offset, bias, kernel_shape=[kernel, kernel], strides=[stride, stride],
                              pads=[padding] * 4)
 
     return {torch.ops.levit_deploy.deform_conv2d.default: deform_conv}

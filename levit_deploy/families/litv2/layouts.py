@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import CheckpointMismatch, NotRecognised, match_variant
+from ..base import CheckpointMismatch, NotRecognised, expected_shapes, match_variant
 from .config import VARIANTS, LITv2Config, get_config
 from .model import LITv2
 
@@ -23,4 +23,5 @@ def detect_variant(sd: dict[str, torch.Tensor]) -> LITv2Config:
         raise CheckpointMismatch("LITv2 checkpoint without a classification head (no 'head.weight'); a backbone-"
                                  "only checkpoint (detection or segmentation) cannot be deployed as a classifier")
     num_classes = int(sd["head.weight"].shape[0])
-    return match_variant(sd, "LITv2 official layout", [get_config(n, num_classes) for n in VARIANTS], LITv2)
+    return match_variant(sd, "LITv2 official layout", [get_config(n, num_classes) for n in VARIANTS],
+                         lambda config: expected_shapes(LITv2, config))

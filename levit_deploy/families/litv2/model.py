@@ -210,7 +210,7 @@ class DeformConv2dPack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
         if self.method == "deformconv":
-            return deform_conv2d_op(x, offset, self.weight, self.bias, self.stride, self.padding)
+            return deform_conv2d_op(x, offset, self.weight, self.bias, self.kernel, self.stride, self.padding)
         return deform_conv2d(x, offset, self.weight, self.bias, self.in_channels, self.kernel, self.stride,
                              self.padding, (self.side, self.side), self.method)
 
