@@ -68,6 +68,7 @@ class Protocol:
     round_calls: int = 3
     device: str = "cpu"
     precision: str = "fp32"  # torch runtime: fp32, or fp16/bf16 autocast (the paper's GPU protocol is fp16)
+    precisions: list[str] = field(default_factory=list)  # several side by side (e.g. fp32, bf16, int8); [] = [precision]
     img_size: int = 224  # the model's input size (set from the model by run_bench)
 
 
@@ -205,7 +206,7 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
                 reference: ReferenceSet | None = None) -> list[BenchCase]:
     """The standard line-up for a model: what users have (the unfused model in PyTorch), what a plain
     export gives (where a backend offers one), and ours in every asked-for runtime; or given artifacts."""
-    from .backends import backends, module_runtime, open_runtime
+    from .backends import backends, by_runtime, module_runtime, open_runtime
     from .fuse import fuse_checked
 
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
@@ -217,34 +218,41 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
         cases.append(BenchCase(f"{module_rt} unfused (eager)",
                                lambda: open_runtime(model, module_rt, dev, t, compute=base), module_rt,
                                precision=base, baseline=True))
-    if module_rt in runtimes:
-        deploy = fuse_checked(model, reference, check=reference is not None).model
-        cases.append(BenchCase(f"{module_rt} fused (eager)", lambda: open_runtime(deploy, module_rt, dev, t, compute=prec),
-                               module_rt, precision=prec))
-        if dev.startswith("cuda"):
-            cases.append(BenchCase(f"{module_rt} fused (CUDA graph)", lambda: open_runtime(
-                deploy, module_rt, dev, t, compute=prec, cuda_graph=True), module_rt, precision=prec))
-    for backend in backends().values():
-        if backend.runtime not in runtimes or backend.write is None:
-            continue
-        if include_baselines and backend.write_plain is not None:
-            path = work_dir / f"plain-{backend.name}"
-            cases.append(BenchCase(f"{backend.runtime} plain export (unfused)",
-                                   lambda b=backend, p=path: open_runtime(b.write_plain(model, p), None, dev, t),
-                                   backend.runtime))
-        if artifacts:
-            continue
-        if prec in backend.compute_precisions:  # an fp32 artifact computed in prec (e.g. bf16 on OpenVINO)
-            export_precision, compute = "fp32", prec
-        elif prec in backend.precisions:  # an artifact exported in prec (e.g. an fp16 TensorRT engine)
-            export_precision, compute = prec, None
-        else:
-            cases.append(BenchCase(f"{backend.runtime} levit-deploy", _refuse(backend, prec), backend.runtime, prec))
-            continue
-        folder = work_dir / f"ours-{backend.name}"
-        cases.append(BenchCase(f"{backend.runtime} levit-deploy",
-                               _export_then_open(model, backend.name, folder, dev, t, export_precision, compute,
-                                                 reference), backend.runtime, precision=export_precision))
+    precisions = protocol.precisions or [prec]
+    suffix = (lambda p: f" {p}") if len(precisions) > 1 else (lambda p: "")  # noqa: E731
+    deploy = None
+    for prec in precisions:
+        if module_rt in runtimes and prec in by_runtime(module_rt).compute_precisions:
+            if deploy is None:
+                deploy = fuse_checked(model, reference, check=reference is not None).model
+            cases.append(BenchCase(f"{module_rt} fused (eager){suffix(prec)}",
+                                   lambda p=prec: open_runtime(deploy, module_rt, dev, t, compute=p),
+                                   module_rt, precision=prec))
+            if dev.startswith("cuda"):
+                cases.append(BenchCase(f"{module_rt} fused (CUDA graph){suffix(prec)}", lambda p=prec: open_runtime(
+                    deploy, module_rt, dev, t, compute=p, cuda_graph=True), module_rt, precision=prec))
+        for backend in backends().values():
+            if backend.runtime not in runtimes or backend.write is None:
+                continue
+            if include_baselines and backend.write_plain is not None and prec == precisions[0]:
+                path = work_dir / f"plain-{backend.name}"
+                cases.append(BenchCase(f"{backend.runtime} plain export (unfused)",
+                                       lambda b=backend, p=path: open_runtime(b.write_plain(model, p), None, dev, t),
+                                       backend.runtime))
+            if artifacts:
+                continue
+            if prec in backend.compute_precisions:  # an fp32 artifact computed in prec (e.g. bf16 on OpenVINO)
+                export_precision, compute = "fp32", prec
+            elif prec in backend.precisions:  # an artifact exported in prec (e.g. an fp16 TensorRT engine, int8)
+                export_precision, compute = prec, None
+            else:
+                cases.append(BenchCase(f"{backend.runtime} levit-deploy{suffix(prec)}", _refuse(backend, prec),
+                                       backend.runtime, prec))
+                continue
+            folder = work_dir / f"ours-{backend.name}-{export_precision}"
+            cases.append(BenchCase(f"{backend.runtime} levit-deploy{suffix(prec)}",
+                                   _export_then_open(model, backend.name, folder, dev, t, export_precision, compute,
+                                                     reference), backend.runtime, precision=export_precision))
     for path in artifacts:
         cases.append(BenchCase(f"artifact {Path(path).name}", lambda p=path: open_runtime(p, None, dev, t),
                                "artifact"))

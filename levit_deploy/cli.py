@@ -1,6 +1,6 @@
 """The ``levit-deploy`` command: argument handling and printing only; the work is in the library.
 
-Commands: info, export, parity, bench, predict, backends, arm64 setup, version. Expected failures
+Commands: info, export, parity, bench, predict, val, backends, arm64 setup, version. Expected failures
 print one line: exit 1 when a gate failed (parity, some images), exit 2 for bad input or environment.
 """
 from __future__ import annotations
@@ -147,8 +147,14 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
            weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
            init: str = typer.Option("pretrained", help=INIT_HELP),
            out: Optional[Path] = typer.Option(None, help="Output folder [default: ./<variant>-<target>-<precision>]."),
-           precision: str = typer.Option("fp32", help="fp32, fp16 or bf16, as the target supports "
-                                                      "(`levit-deploy backends`)."),
+           precision: str = typer.Option("fp32", help="fp32, fp16, bf16 or int8, as the target supports "
+                                                      "(`levit-deploy backends`). int8 is post-training "
+                                                      "quantization (onnx: ONNX Runtime QDQ; openvino: NNCF), "
+                                                      "gated on cosine >= 0.99 and top-1 agreement >= 95 % on "
+                                                      "decoded images."),
+           calib: Optional[Path] = typer.Option(None, help="int8: a folder of your own images to calibrate on "
+                                                           "(~300 recommended; more are sampled evenly) [default: "
+                                                           "a stand-in from the bundled photos, with a warning]."),
            batch: str = typer.Option("dynamic", help="'dynamic' or a fixed batch size."),
            img_size: Optional[int] = typer.Option(None, help="Input size; every family runs at its own size "
                                                                   "only (224), so another one is refused with the reason."),
@@ -169,13 +175,24 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     out = out or Path(f"{ref.config.name}-{to}-{precision}")
     status(f"fusing, exporting to {to} ({precision}), checking parity …")
     try:
+        calibration = None
+        if precision == "int8":
+            from .calibration import calibration_set
+            from .families import spec_for_model
+            calibration = calibration_set(spec_for_model(ref), calib)
+            status(f"calibrating on {len(calibration.inputs)} images from {calibration.source}")
+            if calibration.warning():
+                status(f"WARNING: {calibration.warning()}")
         artifact = do_export(ref, to, out, precision=precision, batch=batch, img_size=img_size,
-                             images=[images] if images else (), options=options)
+                             images=[images] if images else (), options=options, calib=calib if precision != "int8"
+                             else None, calibration=calibration)
     except (ExportParityError, FusionError) as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))
         else:
             print(format_kinds(e.report), file=sys.stderr)
+            for note in e.report.notes:
+                print(f"note: {note}", file=sys.stderr)
         fail(str(e), as_json=False, code=EXIT_FAILED)
     except _expected_errors() as e:
         fail(str(e), as_json)
@@ -281,10 +298,11 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
           sweep_batches: bool = typer.Option(False, "--sweep", help="Also measure throughput over batch 1..--max-batch."),
           max_batch: int = typer.Option(64, help="Largest batch of --sweep (powers of two)."),
           device: str = typer.Option("cpu", help="cpu or cuda (cuda: largest power-of-two batch that fits)."),
-          precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16: each runtime computes in it "
-                                                             "(autocast, inference precision) or runs an artifact "
-                                                             "exported in it [default: fp32 on cpu, fp16 on cuda as "
-                                                             "the paper]; parity follows it."),
+          precision: List[str] = typer.Option([], help="fp32, fp16, bf16 or int8 (repeatable: side by side in one "
+                                                        "run): each runtime computes in it (autocast, inference "
+                                                        "precision) or runs an artifact exported in it (int8: "
+                                                        "calibrated on the stand-in set) [default: fp32 on cpu, "
+                                                        "fp16 on cuda as the paper]; parity follows it."),
           duration: float = typer.Option(10.0, help="Timed seconds per case (rounds are interleaved)."),
           warmup: float = typer.Option(2.0, help="Warm-up seconds before timing."),
           arch: Optional[str] = typer.Option(None, help="arm64: Graviton presets natively, or emulated parity on x86-64."),
@@ -311,7 +329,8 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
             raise typer.Exit(EXIT_FAILED)
         return
     protocol = b.Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device,
-                          precision=precision or ("fp16" if device.startswith("cuda") else "fp32"))
+                          precision=precision[0] if precision else ("fp16" if device.startswith("cuda") else "fp32"),
+                          precisions=list(precision))
     documents, interrupted = run_guarded(as_json, b.run_bench, targets or ["levit_128s"], runtime, weights, init,
                                          protocol, max_batch if sweep_batches else None, plot, extra_images, status,
                                          _entry(ema))
@@ -401,6 +420,56 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
         raise typer.Exit(EXIT_FAILED)
     if not paths:
         fail("no images found in the given paths", as_json)
+
+
+@app.command()
+def val(data: Path = typer.Argument(..., help="A labelled image set: class folders named by ImageNet synset "
+                                             "(n01440764/...) or class index, or a CSV of path,label rows."),
+        model: List[str] = typer.Option(["levit_128s"], "--model", "-m",
+                                        help=MODEL_HELP + " Or an artifact folder (repeatable: one pass over the "
+                                                          "images for all; artifacts are shown beside their source "
+                                                          "checkpoint)."),
+        init: str = typer.Option("pretrained", help=INIT_HELP),
+        limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images (in sorted order)."),
+        batch: int = typer.Option(32, help="Images decoded and inferred together (bounds memory)."),
+        threads: Optional[int] = typer.Option(None, help="Runtime threads [default: the runtime's own]."),
+        max_pixels: int = typer.Option(64_000_000, help="Refuse larger images (decompression-bomb guard)."),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Top-1 / top-5 accuracy on your labelled images, each model beside its reference checkpoint."""
+    from .val import contenders_for, evaluate, read_dataset
+
+    quiet_exporters()
+    samples = run_guarded(as_json, read_dataset, data, limit)
+    status(f"{len(samples)} labelled images in {data}; opening {len(model)} model(s) …")
+    contenders, references = run_guarded(as_json, contenders_for, model, init, threads)
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            filled = int(30 * done / total)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} images", end="", file=sys.stderr,
+                  flush=True)
+
+    report = run_guarded(as_json, evaluate, samples, contenders, references, batch, max_pixels, str(data), progress)
+    if tty:
+        print(file=sys.stderr)
+    for bad in report.failed:
+        print(f"error: {bad['error']}", file=sys.stderr)
+    if report.evaluated == 0:
+        fail(f"{data}: none of the {report.images} images could be read", as_json)
+    if as_json:
+        print(json.dumps({"ok": not report.failed, **report.to_dict()}, indent=2))
+    else:
+        width = max(len(r.name) for r in report.results)
+        print(f"{'model':<{width}}  {'runtime':<8} {'prec':<5} {'top-1':>7} {'top-5':>7}  {'ref top-1':>9} "
+              f"{'ref top-5':>9}  differ from ref")
+        for r in report.results:
+            differ = "(is the reference)" if r.is_reference else f"{r.differ}/{r.n} ({r.differ / max(r.n, 1):.1%})"
+            print(f"{r.name:<{width}}  {r.runtime:<8} {r.precision:<5} {r.top1:>7.2%} {r.top5:>7.2%}  "
+                  f"{r.reference_top1:>9.2%} {r.reference_top5:>9.2%}  {differ}")
+        print(f"{report.evaluated} images evaluated, {len(report.failed)} could not be read")
+    if report.failed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 arm64_app = typer.Typer(help="ARM64 (Graviton): prepare the emulated aarch64 environment used on x86-64 hosts.")

@@ -44,6 +44,7 @@ class ExportOptions:
     precision: str = "fp32"
     batch: str | int = "dynamic"
     target: Any = None  # the backend's own options dataclass (None if it has none)
+    calibration: Any = None  # int8: the CalibrationSet the quantizer takes its activation ranges from
 
 
 class _FixedBatch:
@@ -68,12 +69,15 @@ class _FixedBatch:
 
 def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
            batch: str | int = "dynamic", img_size: int | None = None, reference: ReferenceSet | None = None,
-           images=(), options: dict | None = None, **target_options) -> Artifact:
+           images=(), options: dict | None = None, calib=None, calibration=None, **target_options) -> Artifact:
     """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
 
     ``reference``: the model's reference set, if already built; else the default one (bundled photos,
     noise and synthetic JPEGs) plus every image under ``images``. ``options`` / keyword arguments: the
     target's own options (e.g. ``opset=17`` for onnx); one the target does not take is refused.
+    int8: ``calib`` is a folder of the user's images for calibration, ``calibration`` an already built
+    CalibrationSet; without either, the stand-in set (and the manifest says so). The int8 gate is judged
+    on the reference set's decoded images only.
     """
     backend = get_backend(to)
     if backend.write is None:
@@ -87,14 +91,21 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
         raise ExportError(f"{to} export supports {', '.join(backend.precisions)}, not {precision}")
     if batch != "dynamic" and (not str(batch).isdigit() or int(batch) < 1):
         raise ExportError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
-    opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target)
+    if precision != "int8" and (calib or calibration):
+        raise ExportError(f"calibration images are for int8 export; {precision} needs none")
     spec = spec_for_model(model)
+    if precision == "int8" and calibration is None:
+        from .calibration import calibration_set
+        calibration = calibration_set(spec, calib)
+    opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
     reference = reference or build_reference_set(model, spec, images=images)
     fusion = fuse_checked(model, reference)
     out_dir = Path(out_dir)
     with staging(out_dir) as folder:
         choices = family.choose_for_target(fusion.model, backend.name, opts.precision, opts.target)
         staged = backend.write(fusion.model, folder, opts)
+        if calibration is not None and calibration.warning():
+            staged.notes.append(calibration.warning())
         files = {}
         for name in staged.names:
             files.update(hash_tree(folder, name))
@@ -146,7 +157,9 @@ def _manifest(model: torch.nn.Module, backend, opts: ExportOptions, staged: Stag
         "labels": {"source": "imagenet-1k (bundled with levit-deploy)" if cfg.num_classes == 1000
                    else "class indices (no names for this head size; pass --labels)"},
         "export": {"precision": opts.precision, "batch": opts.batch,
-                   "options": asdict(opts.target) if opts.target is not None else {}, "notes": staged.notes},
+                   "options": asdict(opts.target) if opts.target is not None else {}, "notes": staged.notes,
+                   **({"calibration": {**opts.calibration.describe(), **staged.details.get("quantization", {})}}
+                      if opts.calibration is not None else {})},
         "input": {"name": "pixel_values", "dtype": "float32", "layout": "NCHW",
                   "shape": ["batch" if opts.batch == "dynamic" else opts.batch, 3, cfg.img_size, cfg.img_size]},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cfg.num_classes]},

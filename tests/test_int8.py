@@ -1,0 +1,101 @@
+"""int8 export (ONNX Runtime QDQ, OpenVINO NNCF), judged by the int8 gate on real photos.
+
+Calibration uses scikit-image photos that are not the gate's (tests/real_photos.py); the gate judges the
+bundled photos, synthetic JPEGs and crops of other real photos passed as the user's images.
+"""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import levit_deploy as ld
+from conftest import trained_like_file, trained_like_model
+from levit_deploy.cli import app
+from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, write_images
+
+runner = CliRunner()
+EXPORTERS = ["onnx", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8-photos")
+    return (write_images(root / "calib", photo_crops(OTHER_PHOTOS, 6, seed=1)),
+            write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
+
+
+@pytest.mark.parametrize("target", EXPORTERS)
+def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, photos, target):
+    pytest.importorskip("nncf" if target == "openvino" else "onnxruntime")
+    calib, judge = photos
+    out = tmp_path / "int8"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", target, "--precision", "int8",
+                                 "--calib", str(calib), "--images", str(judge), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["manifest"]
+    assert m["parity"]["status"] == "passed" and m["parity"]["precision"] == "int8"
+    assert m["parity"]["min_cosine"] >= 0.99 and m["parity"]["top1_agreement"] >= 0.95
+    judged = {k["kind"]: k for k in m["parity"]["kinds"]}
+    assert judged["user images"]["n"] == 21 and judged["user images"]["gating"] and not judged["noise"]["gating"]
+    cal = m["export"]["calibration"]
+    assert cal["source"] == str(calib) and cal["size"] == 84 and not cal["stand_in"]
+    assert cal["calibration_batch"] == 1 and cal["method"] and "MatMul" in cal["ignored_scope"]
+    assert m["artifact"]["size_bytes"] < 0.4 * 31e6  # int8 weights: under 40 % of the fp32 file
+    with ld.open_runtime(out) as rt:
+        assert rt.precision == "int8"
+
+
+def test_without_calib_the_stand_in_is_said_loudly(tmp_path):
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--precision", "int8",
+                                 "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: int8 calibrated on a STAND-IN set" in result.output
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["export"]["calibration"]["stand_in"] is True
+    assert any("STAND-IN" in n for n in manifest["export"]["notes"])
+
+
+def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, photos, monkeypatch):
+    """The choice the ONNX exporter rejected by measurement: with convolutions quantized as well, trained-like
+    LightViT-T drops to cosine ~0.92 on photos. The gate must refuse that artifact and keep nothing."""
+    import levit_deploy.backends.onnx as onnx_backend
+    from levit_deploy.export import ExportParityError
+
+    calib, _ = photos
+    monkeypatch.setattr(onnx_backend, "INT8_OPS", ("MatMul", "Gemm", "Conv"))
+    with pytest.raises(ExportParityError) as failure:
+        ld.export(trained_like_model("lightvit_tiny"), "onnx", tmp_path / "bad", precision="int8", calib=calib)
+    assert failure.value.report.min_cosine < 0.99
+    assert not (tmp_path / "bad" / "model.onnx").exists() and (tmp_path / "bad" / "parity-failed-onnx.json").exists()
+
+
+def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(photos):
+    """Trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
+    on about half the photos: no 8-bit artifact can pass, and the report says why."""
+    calib, _ = photos
+    model = trained_like_model("levit_128s")
+    from levit_deploy.export import ExportParityError
+    import tempfile
+    with pytest.raises(ExportParityError) as failure:
+        ld.export(model, "onnx", tempfile.mkdtemp(), precision="int8", calib=calib)
+    notes = " ".join(failure.value.report.notes)
+    assert "computed in bf16" in notes and failure.value.report.top1_agreement < 0.95
+
+
+def test_calib_is_refused_for_float_precisions(tmp_path):
+    result = runner.invoke(app, ["export", str(trained_like_file("levit_128s")), "--to", "onnx",
+                                 "--calib", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "calibration images are for int8" in result.output
+
+
+@pytest.mark.slow  # 22 s: exports and times three artifacts; `make test-all` runs it
+def test_bench_puts_int8_beside_fp32_and_bf16():
+    pytest.importorskip("nncf")
+    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "openvino", "--precision", "fp32",
+                                 "--precision", "bf16", "--precision", "int8", "--batch", "2", "--duration", "0.3",
+                                 "--warmup", "0.1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["label"]: r for r in json.loads(result.stdout)["results"]}
+    assert {"openvino levit-deploy fp32", "openvino levit-deploy bf16", "openvino levit-deploy int8"} <= set(rows)
+    assert rows["openvino levit-deploy int8"]["precision"] == "int8"
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows.values())
