@@ -180,12 +180,13 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
             from .calibration import calibration_set
             from .families import spec_for_model
             calibration = calibration_set(spec_for_model(ref), calib)
-            status(f"calibrating on {len(calibration.inputs)} images from {calibration.source}")
+            status(f"calibrating on {len(calibration.inputs)} images from {calibration.source}"
+                   + (f" ({len(calibration.skipped)} unreadable files skipped)" if calibration.skipped else ""))
             if calibration.warning():
                 status(f"WARNING: {calibration.warning()}")
         artifact = do_export(ref, to, out, precision=precision, batch=batch, img_size=img_size,
-                             images=[images] if images else (), options=options, calib=calib if precision != "int8"
-                             else None, calibration=calibration)
+                             images=[images] if images else (), options=options, calib=calib,
+                             calibration=calibration)
     except (ExportParityError, FusionError) as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))

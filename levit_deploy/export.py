@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .artifacts import FORMAT_VERSION, Artifact, StagedArtifact, hash_tree, publish, staging
 from .backends import get_backend
-from .backends.base import ExportError
+from .backends.base import ExportError, RuntimeUnavailable
 from .env import fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
 from .families.base import count_parameters
@@ -94,7 +94,7 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     if precision != "int8" and (calib or calibration):
         raise ExportError(f"calibration images are for int8 export; {precision} needs none")
     spec = spec_for_model(model)
-    if precision == "int8" and calibration is None:
+    if precision == "int8" and calibration is None:  # (the CLI builds it first, to say what it calibrates on)
         from .calibration import calibration_set
         calibration = calibration_set(spec, calib)
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
@@ -135,6 +135,16 @@ def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, re
     fixed = None if opts.batch == "dynamic" else int(opts.batch)
     runtime = backend.runtime_class(str(folder / staged.file), device="cpu", threads=None, precision=opts.precision,
                                     input_spec=InputSpec(batch=fixed), **staged.runtime_options)
+    try:
+        runtime.activate()
+    except (RuntimeUnavailable, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a converter bug surfaces here: one line, and nothing is kept
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line for line in lines if not line.startswith("Exception from")), lines[0] if lines else "")
+        raise ExportError(f"{backend.runtime} could not load the {opts.precision} artifact written for it "
+                          f"({type(e).__name__}: {cause[:240]}); nothing was kept: try another --precision or "
+                          f"--to") from None
     with runtime as rt:
         return compare(reference, _FixedBatch(rt, fixed), rt.precision, stage=f"{backend.runtime} artifact")
 

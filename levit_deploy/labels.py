@@ -1,4 +1,4 @@
-"""Class names: the 1000 ImageNet-1k names shipped with the package, or a user's file."""
+"""Class names: the 1000 ImageNet-1k names and synset ids shipped with the package, or a user's file."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -6,13 +6,24 @@ from importlib import resources
 from pathlib import Path
 
 
+def _packaged_list(name: str) -> tuple[str, ...]:
+    """The 1000 lines of a packaged ImageNet-1k list, in class-index order."""
+    text = resources.files("levit_deploy").joinpath(f"data/{name}").read_text()
+    entries = tuple(line for line in text.splitlines() if line)
+    assert len(entries) == 1000, f"packaged {name} is damaged"
+    return entries
+
+
 @lru_cache(maxsize=1)
 def imagenet_labels() -> tuple[str, ...]:
     """ImageNet-1k class names in index order (short WordNet names, as Keras and PyTorch Hub list them)."""
-    text = resources.files("levit_deploy").joinpath("data/imagenet_labels.txt").read_text()
-    names = tuple(line for line in text.splitlines() if line)
-    assert len(names) == 1000, "packaged label file is damaged"
-    return names
+    return _packaged_list("imagenet_labels.txt")
+
+
+@lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+    """The ImageNet-1k WordNet ids in class-index order (n01440764 is class 0), as dataset folders name them."""
+    return _packaged_list("imagenet_synsets.txt")
 
 
 def load_labels(path: str | Path | None, num_classes: int) -> list[str]:

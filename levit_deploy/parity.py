@@ -340,7 +340,7 @@ def _conditioning_note(reference: ReferenceSet) -> str:
     """Why an int8 artifact may fail for the checkpoint's sake: how the original model itself fares in bf16
     (8 significant bits, finer than int8's steps) on the same images."""
     images = np.array([k in IMAGE_KINDS for k in reference.kinds])
-    bf16 = reference.floors("bf16")[0][images]
+    bf16 = floor_draws(reference.model, reference.inputs[images], "bf16", draws=1)[0]
     ref = reference.outputs[images]
     agree = float(np.mean(ref.argmax(1) == bf16.argmax(1)))
     return (f"for scale: the original model itself, computed in bf16, reaches cosine >= {_cosine(ref, bf16).min():.4f} "

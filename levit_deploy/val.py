@@ -13,15 +13,13 @@ differ" is the deployment's cost, separate from the checkpoint's own accuracy.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .labels import imagenet_synsets
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, PreprocessSpec, decode_image, transform
 
 
@@ -29,25 +27,15 @@ class DatasetError(ValueError):
     """A dataset that cannot be read: the message names the file or folder and what was expected."""
 
 
-@lru_cache(maxsize=1)
-def imagenet_synsets() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (n01440764 is class 0)."""
-    text = resources.files("levit_deploy").joinpath("data/imagenet_synsets.txt").read_text()
-    synsets = tuple(line for line in text.split() if line)
-    assert len(synsets) == 1000, "packaged synset file is damaged"
-    return synsets
-
-
 def class_index(label: str, where: str) -> int:
     """An ImageNet synset or a non-negative class index as the class index; DatasetError otherwise."""
     label = label.strip()
     if label.isdigit():
         return int(label)
-    index = {s: i for i, s in enumerate(imagenet_synsets())}.get(label)
-    if index is None:
+    if label not in imagenet_synsets():
         raise DatasetError(f"{where}: label {label!r} is neither an ImageNet-1k synset (like n01440764) nor a "
                            f"class index")
-    return index
+    return imagenet_synsets().index(label)
 
 
 @dataclass(frozen=True)
@@ -110,7 +98,6 @@ class Contender:
     spec: PreprocessSpec
     reference: str  # key into the references
     precision: str
-    num_classes: int
 
 
 @dataclass
@@ -138,9 +125,6 @@ class ValReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 class _Scores:
     """Running top-1 / top-5 hits and the top-1 predictions of one model."""
@@ -161,9 +145,9 @@ def evaluate(samples: Sequence[Sample], contenders: Sequence[Contender], referen
              progress: Callable[[int, int], None] | None = None) -> ValReport:
     """One pass over ``samples``: each image decoded once, transformed once per distinct eval transform,
     and run through every contender and every reference. A bad image is counted and listed, not fatal."""
-    runs = {**{f"ref:{k}": r for k, r in references.items()}, **{f"model:{i}": c for i, c in enumerate(contenders)}}
-    specs = list(dict.fromkeys(c.spec for c in runs.values()))
-    scores = {key: _Scores() for key in runs}
+    runs = list({id(c): c for c in [*references.values(), *contenders]}.values())  # a checkpoint is its own reference
+    specs = list(dict.fromkeys(c.spec for c in runs))
+    scores = {id(run): _Scores() for run in runs}
     report = ValReport(dataset, len(samples), 0)
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
@@ -180,21 +164,19 @@ def evaluate(samples: Sequence[Sample], contenders: Sequence[Contender], referen
             labels.append(sample.label)
         if labels:
             y = np.asarray(labels)
-            for key, run in runs.items():
-                out = run.runtime.infer(np.stack(arrays[run.spec]))
-                if out.shape[1] != run.num_classes:
-                    raise DatasetError(f"{run.name}: {out.shape[1]} outputs, expected {run.num_classes}")
-                scores[key].add(out, y)
+            for run in runs:
+                scores[id(run)].add(run.runtime.infer(np.stack(arrays[run.spec])), y)
             report.evaluated += len(labels)
         if progress:
             progress(min(start + batch, len(samples)), len(samples))
     n = max(report.evaluated, 1)
-    for i, c in enumerate(contenders):
-        own, ref = scores[f"model:{i}"], scores[f"ref:{c.reference}"]
+    for c in contenders:
+        reference = references[c.reference]
+        own, ref = scores[id(c)], scores[id(reference)]
         differ = int(np.sum(np.asarray(own.pred) != np.asarray(ref.pred)))
         report.results.append(ValResult(
             c.name, getattr(c.runtime, "name", "?"), c.precision, report.evaluated, own.top1 / n, own.top5 / n,
-            ref.top1 / n, ref.top5 / n, differ, is_reference=c is references[c.reference]))
+            ref.top1 / n, ref.top5 / n, differ, is_reference=c is reference))
     return report
 
 
@@ -213,12 +195,11 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
     references: dict[str, Contender] = {}
     contenders = []
 
-    def reference_for(key: str, build) -> str:
+    def reference_for(key: str, build) -> None:
         if key not in references:
             model = build()
             references[key] = Contender(f"{model.config.name} checkpoint ({key})", open_runtime(model, threads=threads),
-                                        spec_for_model(model), key, "fp32", model.config.num_classes)
-        return key
+                                        spec_for_model(model), key, "fp32")
 
     for name in models:
         if is_artifact(Path(name)):
@@ -229,7 +210,7 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
             contenders.append(Contender(
                 f"{manifest['model']['variant']} {manifest['artifact']['format']} {precision} ({folder})",
                 open_runtime(folder, threads=threads), PreprocessSpec.from_dict(manifest["preprocessing"]), key,
-                precision, manifest["model"]["num_classes"]))
+                precision))
         else:
             model = load(name, init=init)
             key = _source_key(model.load_info.to_dict(), model.config.name)

@@ -268,3 +268,12 @@ def test_conversion_round_trip(hf_128s, tmp_path, pixels):
         back = checkpoints.build_from_state_dict(sd, layout)
         with torch.no_grad():
             assert torch.equal(back(pixels), model(pixels))
+
+
+@pytest.mark.parametrize("variant, family", [("lightvit_tiny", "LightViT"), ("litv2_s", "LITv2")])
+def test_headless_checkpoints_of_every_family_are_refused(tmp_path, variant, family):
+    sd = {k: v for k, v in load(variant, init="random").state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "backbone.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=f"{family} checkpoint without a classification head"):
+        load(path)

@@ -14,7 +14,6 @@ from levit_deploy.cli import app
 from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, write_images
 
 runner = CliRunner()
-EXPORTERS = ["onnx", "openvino"]
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,19 @@ def photos(tmp_path_factory):
             write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
 
 
-@pytest.mark.parametrize("target", EXPORTERS)
-def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, photos, target):
+@pytest.mark.parametrize("target, model", [
+    ("onnx", "lightvit_tiny"),  # trained-like: passes (cosine >= 0.9995, 97 % top-1 agreement)
+    # the only model OpenVINO int8 passes here: trained-like LeViT is too ill-conditioned (see below), trained-like
+    # LightViT-T flips 2 of 32 photos (93.8 %) and LITv2 trips an OpenVINO transformation bug (a test below)
+    ("openvino", "levit_128s"),
+])
+def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, photos, target, model):
     pytest.importorskip("nncf" if target == "openvino" else "onnxruntime")
     calib, judge = photos
     out = tmp_path / "int8"
-    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", target, "--precision", "int8",
-                                 "--calib", str(calib), "--images", str(judge), "--out", str(out), "--json"])
+    source = ["levit_128s", "--init", "random"] if model == "levit_128s" else [str(trained_like_file(model))]
+    result = runner.invoke(app, ["export", *source, "--to", target, "--precision", "int8", "--calib", str(calib),
+                                 "--images", str(judge), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)["manifest"]
     assert m["parity"]["status"] == "passed" and m["parity"]["precision"] == "int8"
@@ -39,8 +44,9 @@ def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_pat
     assert judged["user images"]["n"] == 21 and judged["user images"]["gating"] and not judged["noise"]["gating"]
     cal = m["export"]["calibration"]
     assert cal["source"] == str(calib) and cal["size"] == 84 and not cal["stand_in"]
-    assert cal["calibration_batch"] == 1 and cal["method"] and "MatMul" in cal["ignored_scope"]
-    assert m["artifact"]["size_bytes"] < 0.4 * 31e6  # int8 weights: under 40 % of the fp32 file
+    assert cal["calibration_batch"] == 1 and cal["method"] and cal["ignored_scope"]
+    fp32_bytes = 4 * m["model"]["params"]
+    assert m["artifact"]["size_bytes"] < 0.45 * fp32_bytes  # int8 weights: well under half of fp32
     with ld.open_runtime(out) as rt:
         assert rt.precision == "int8"
 
@@ -69,17 +75,34 @@ def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, photos, 
     assert not (tmp_path / "bad" / "model.onnx").exists() and (tmp_path / "bad" / "parity-failed-onnx.json").exists()
 
 
-def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(photos):
+def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(tmp_path, photos):
     """Trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
     on about half the photos: no 8-bit artifact can pass, and the report says why."""
-    calib, _ = photos
-    model = trained_like_model("levit_128s")
     from levit_deploy.export import ExportParityError
-    import tempfile
+
+    calib, _ = photos
     with pytest.raises(ExportParityError) as failure:
-        ld.export(model, "onnx", tempfile.mkdtemp(), precision="int8", calib=calib)
+        ld.export(trained_like_model("levit_128s"), "onnx", tmp_path, precision="int8", calib=calib)
     notes = " ".join(failure.value.report.notes)
     assert "computed in bf16" in notes and failure.value.report.top1_agreement < 0.95
+    bf16_agreement = float(notes.split("top-1 agreement ")[1].split("%")[0]) / 100
+    assert bf16_agreement < 0.95  # the checkpoint itself cannot agree in 8 bits of mantissa
+
+
+def test_an_artifact_its_runtime_cannot_load_is_one_line_and_not_kept(tmp_path, monkeypatch):
+    """What OpenVINO int8 of LITv2 does here ([ReshapeTransformation] throws while compiling the IR), in small:
+    the staged artifact's runtime fails to open. One line, exit 2, nothing kept."""
+    from levit_deploy.backends.onnx import OrtRuntime
+
+    def broken(self):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n[ReshapeTransformation] END: "
+                           "CALLBACK HAS THROWN")
+    monkeypatch.setattr(OrtRuntime, "_open", broken)
+    out = tmp_path / "x"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "could not load the fp32 artifact written for it (RuntimeError: [ReshapeTransformation]" in result.output
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_calib_is_refused_for_float_precisions(tmp_path):

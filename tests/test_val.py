@@ -65,13 +65,13 @@ def test_val_reads_a_csv_and_limits(labelled):
     assert "12 images evaluated, 0 could not be read" in result.output
 
 
-def test_val_counts_predictions_that_differ_from_the_reference(labelled, tmp_path):
+def test_val_counts_predictions_that_differ_from_the_reference(labelled, tmp_path, artifacts):
     """A deployment that changes predictions shows them as differing from its reference."""
     onnx = pytest.importorskip("onnx")
+    from conftest import copy_artifact
     from levit_deploy.artifacts import sha256_file
 
-    import levit_deploy as ld
-    folder = ld.export(trained_like_model(VARIANT), "onnx", tmp_path / "a").folder
+    folder = copy_artifact(artifacts(VARIANT, "onnx"), tmp_path / "a")
     manifest = json.loads((folder / "manifest.json").read_text())
     proto = onnx.load(str(folder / "model.onnx"))
     head = [i for i in proto.graph.initializer if len(i.dims) == 1 and i.dims[0] == 1000][-1]

@@ -251,3 +251,16 @@ def split_last(t: torch.Tensor, width: int, parts: int) -> tuple[torch.Tensor, .
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (buffers such as index tables and running statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def match_classifier(sd: dict[str, torch.Tensor], family: str, model_class: type, get_config: Callable[..., Any],
+                     variants: Any, backbone: str) -> Any:
+    """The variant config of a classifier checkpoint in a family's official layout: the head gives the class
+    count, the shapes the variant (``match_variant``); a checkpoint without a head (``backbone``: what such
+    files usually are) is refused, as it cannot be deployed as a classifier."""
+    if "head.weight" not in sd:
+        raise CheckpointMismatch(f"{family} checkpoint without a classification head (no 'head.weight'); a "
+                                 f"{backbone} cannot be deployed as a classifier")
+    num_classes = int(sd["head.weight"].shape[0])
+    return match_variant(sd, f"{family} official layout", [get_config(n, num_classes) for n in variants],
+                         lambda config: expected_shapes(model_class, config))

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from ..base import CheckpointMismatch, NotRecognised, expected_shapes, match_variant
+from ..base import NotRecognised, match_classifier
 from .config import VARIANTS, LightViTConfig, get_config
 from .model import LightViT, relative_position_index
 
@@ -18,13 +18,7 @@ def detect_variant(sd: dict[str, torch.Tensor]) -> LightViTConfig:
     """The config whose shapes the tensors fit exactly; NotRecognised if these are not LightViT keys."""
     if not all(k in sd for k in SIGNATURE):
         raise NotRecognised(f"LightViT (keys {', '.join(SIGNATURE)})")
-    if "head.weight" not in sd:
-        raise CheckpointMismatch("LightViT checkpoint without a classification head (no 'head.weight'); a "
-                                 "backbone-only checkpoint cannot be deployed as a classifier")
-    num_classes = int(sd["head.weight"].shape[0])
-    return match_variant(sd, "LightViT official layout", [get_config(n, num_classes) for n in VARIANTS],
-                         lambda config: expected_shapes(LightViT, config))
-
+    return match_classifier(sd, "LightViT", LightViT, get_config, VARIANTS, "backbone-only checkpoint")
 
 def with_own_index_tables(sd: dict[str, torch.Tensor], window: int) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict with every relative_position_index replaced by the one computed here, and the keys

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import CheckpointMismatch, NotRecognised, expected_shapes, match_variant
+from ..base import NotRecognised, match_classifier
 from .config import VARIANTS, LITv2Config, get_config
 from .model import LITv2
 
@@ -19,9 +19,5 @@ def detect_variant(sd: dict[str, torch.Tensor]) -> LITv2Config:
     if not all(k in sd for k in SIGNATURE):
         closeness = sum(k.startswith("layers.") for k in sd) / max(len(sd), 1)
         raise NotRecognised(f"LITv2 (keys {', '.join(SIGNATURE)})", closeness if "dconv" in str(list(sd)) else 0.0)
-    if "head.weight" not in sd:
-        raise CheckpointMismatch("LITv2 checkpoint without a classification head (no 'head.weight'); a backbone-"
-                                 "only checkpoint (detection or segmentation) cannot be deployed as a classifier")
-    num_classes = int(sd["head.weight"].shape[0])
-    return match_variant(sd, "LITv2 official layout", [get_config(n, num_classes) for n in VARIANTS],
-                         lambda config: expected_shapes(LITv2, config))
+    return match_classifier(sd, "LITv2", LITv2, get_config, VARIANTS,
+                            "backbone-only checkpoint (detection or segmentation)")
