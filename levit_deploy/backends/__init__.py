@@ -16,7 +16,7 @@ import torch
 from ..artifacts import ManifestError, read_manifest, verify_artifact
 from .base import Backend, ExportError, InputSpec, Runtime, RuntimeUnavailable
 
-MODULES = ("onnx", "openvino", "coreml", "tensorrt", "pytorch")
+MODULES = ("onnx", "openvino", "coreml", "tensorrt", "executorch", "pytorch")
 
 
 @lru_cache(maxsize=1)
