@@ -161,6 +161,9 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
            option: List[str] = typer.Option([], "--option", "-o", help=OPTION_HELP),
            images: Optional[Path] = typer.Option(None, help=IMAGES_HELP),
            ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
+           triton_repo: Optional[Path] = typer.Option(None, help="Also add the artifact, once it passed, to this "
+                                                                 "Triton model repository (onnx, openvino, tensorrt; "
+                                                                 "defaults of `levit-deploy triton`)."),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Fuse a model, export it, and keep the artifact only if it passes the parity gate."""
     from .export import ExportParityError
@@ -198,10 +201,17 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     except _expected_errors() as e:
         fail(str(e), as_json)
     m = artifact.manifest
+    served = None
+    if triton_repo is not None:
+        from .triton import write_repository
+        served = run_guarded(as_json, write_repository, artifact.folder, triton_repo)
     if as_json:
-        print(json.dumps({"ok": True, "artifact": str(artifact.path), "manifest": m}, indent=2, default=str))
+        print(json.dumps({"ok": True, "artifact": str(artifact.path), "manifest": m,
+                          **({"triton_model": str(served)} if served else {})}, indent=2, default=str))
         return
     print(f"artifact    {artifact.path}  ({m['artifact']['size_bytes'] / 1e6:.1f} MB)")
+    if served:
+        print(f"triton      {served} (config.pbtxt, 1/, labels.txt)")
     print(f"manifest    {artifact.folder / 'manifest.json'}")
     for step in m["fusion"]:
         print(f"fusion      {step['step']}: worst e/bound {step['worst_margin']:.2g}, max e/s "
@@ -353,7 +363,8 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
 
 
 @app.command()
-def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+def predict(inputs: List[str] = typer.Argument(..., help="Image files and/or folders (searched recursively); with "
+                                                         "--ray also globs and URIs Ray can read (s3://...)."),
             model: str = typer.Option("levit_128s", help=MODEL_HELP + " Or an artifact folder."),
             weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
             init: str = typer.Option("pretrained", help=INIT_HELP),
@@ -370,6 +381,12 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
             csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one CSV row per input here."),
             images: Optional[Path] = typer.Option(None, help=IMAGES_HELP + " Used by the first export only."),
             ema: bool = typer.Option(False, "--ema", help=EMA_HELP),
+            use_ray: bool = typer.Option(False, "--ray", help="Run on Ray Data: a pool of actors, each with one runtime, "
+                                                              "results written as Parquet to --output."),
+            address: Optional[str] = typer.Option(None, help="--ray: the cluster to join (e.g. ray://head:10001 or "
+                                                             "auto) [default: start a local Ray]."),
+            actors: int = typer.Option(1, help="--ray: actors in the pool (one CPU and one runtime each)."),
+            output: Path = typer.Option(Path("predictions"), help="--ray: folder for the Parquet files."),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Classify images: top-k ImageNet classes per image; bad files get an error and the rest go on."""
     import csv
@@ -378,6 +395,23 @@ def predict(inputs: List[Path] = typer.Argument(..., help="Image files and/or fo
     from .preprocess import expand_inputs
 
     quiet_exporters()
+    if use_ray:
+        from .predict import artifact_folder
+        from .ray_predict import predict_on_ray
+
+        status(f"opening {model} …")
+        folder = run_guarded(as_json, artifact_folder, model, weights, init, runtime, [images] if images else (),
+                             _entry(ema))
+        summary = run_guarded(as_json, predict_on_ray, folder, inputs, output, actors=actors, batch=batch, topk=topk,
+                              threads=threads or 1, address=address, max_pixels=max_pixels)
+        if as_json:
+            print(json.dumps({"ok": summary["failed"] == 0, "artifact": str(folder), **summary}))
+        else:
+            print(f"{summary['rows']} rows ({summary['failed']} with errors) written to {summary['output']} "
+                  f"(Parquet: path, ok, error, indices, labels, probs)")
+        if summary["failed"]:
+            raise typer.Exit(EXIT_FAILED)
+        return
     csv_file = run_guarded(as_json, open, csv_path, "w", newline="") if csv_path else None
     status(f"opening {model} …")
     predictor = run_guarded(as_json, Predictor, model, weights=weights, init=init, runtime=runtime,
@@ -489,6 +523,73 @@ def arm64_setup(force: bool = typer.Option(False, help="Rebuild even if it exist
     else:
         print(f"ready: {info['python']} (aarch64) with numpy {info['numpy']} and onnxruntime {info['onnxruntime']}, "
               f"{info['qemu']}, in {info['sysroot']}")
+
+
+@app.command("serve")
+def serve_http(model: str = typer.Argument(..., help="An artifact folder, or a model (exported once into the cache)."),
+               replicas: int = typer.Option(1, help="Serving replicas (one CPU and one runtime each)."),
+               max_batch: int = typer.Option(16, help="Largest batch a replica infers at once (serve.batch)."),
+               batch_wait_ms: float = typer.Option(10.0, help="How long a replica waits to fill a batch."),
+               port: int = typer.Option(8000, help="HTTP port."),
+               host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every one)."),
+               topk: int = typer.Option(5, help="Classes per answer."),
+               threads: int = typer.Option(1, help="Runtime threads per replica."),
+               max_bytes: int = typer.Option(20 * 1024 * 1024, help="Largest request body (413 above it)."),
+               address: Optional[str] = typer.Option(None, help="A Ray cluster to join [default: a local Ray]."),
+               weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+               init: str = typer.Option("pretrained", help=INIT_HELP),
+               runtime: Optional[str] = typer.Option(None, help="Runtime of the export, for a model that is not "
+                                                                "an artifact [default: the first that can run here]."),
+               as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Serve top-k classification over HTTP on Ray Serve: POST image bytes to /, GET /healthz. Ctrl-C stops."""
+    import time
+
+    from .predict import artifact_folder
+    from .serve import start
+
+    quiet_exporters()
+    folder = run_guarded(as_json, artifact_folder, model, weights, init, runtime)
+    url = run_guarded(as_json, start, folder, host, port, replicas, max_batch, batch_wait_ms, topk, threads, max_bytes,
+                      address)
+    if as_json:
+        print(json.dumps({"ok": True, "url": url, "artifact": str(folder)}), flush=True)
+    else:
+        print(f"serving {folder} at {url}  (curl --data-binary @image.jpg {url}; GET {url}healthz; Ctrl-C stops)",
+              flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+        serve.shutdown()
+
+
+@app.command()
+def triton(artifact: Path = typer.Argument(..., help="An artifact folder (onnx, openvino or tensorrt) with its manifest."),
+           repo: Path = typer.Option(..., help="The Triton model repository to add it to (created if missing)."),
+           name: Optional[str] = typer.Option(None, help="Model name in the repository [default: VARIANT_FORMAT]."),
+           max_batch: int = typer.Option(32, help="max_batch_size of a dynamic-batch artifact."),
+           preferred_batch: List[int] = typer.Option([8, 16], help="dynamic_batching preferred sizes (repeatable)."),
+           delay_us: int = typer.Option(2000, help="max_queue_delay_microseconds of the dynamic batcher."),
+           instances: int = typer.Option(1, help="instance_group count."),
+           threads: int = typer.Option(1, help="OpenVINO: INFERENCE_NUM_THREADS per instance."),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Write repo/NAME/config.pbtxt, repo/NAME/1/<model file> and labels.txt for Triton Inference Server; the
+    config is parsed with Triton's own schema (tritonclient) when it is installed."""
+    from .triton import TritonOptions, validate_config, write_repository
+
+    options = TritonOptions(name, max_batch, tuple(preferred_batch), delay_us, instances, threads)
+    folder = run_guarded(as_json, write_repository, artifact, repo, options)
+    text = (folder / "config.pbtxt").read_text()
+    checked = validate_config(text) is not None
+    if as_json:
+        print(json.dumps({"ok": True, "model": str(folder), "config": text, "schema_checked": checked}))
+        return
+    print(f"model       {folder}")
+    print(f"config      {folder / 'config.pbtxt'}" + (" (parsed with Triton's ModelConfig schema)" if checked else
+                                                      " (not schema-checked: pip install tritonclient)"))
+    print(f"serve with  docker run --rm -p8000:8000 -p8001:8001 -v {folder.parent.resolve()}:/models "
+          f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
 
 
 @app.command("backends")

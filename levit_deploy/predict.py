@@ -75,22 +75,33 @@ class Predictor:
     def predict(self, paths: Iterable[str | Path], topk: int = 5, batch: int = 32,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Prediction]:
         """Yield one Prediction per input, in order, decoding and inferring ``batch`` images at a time."""
-        pending: list[tuple[int, str, np.ndarray | None, str | None]] = []
-        for i, p in enumerate(paths):
-            try:
-                pending.append((i, str(p), transform(decode_image(p, max_pixels, self.spec.background), self.spec), None))
-            except ImageError as e:
-                pending.append((i, str(p), None, str(e)))
-            if sum(x is not None for _, _, x, _ in pending) >= batch:
-                yield from self._flush(pending, topk)
+        pending: list[tuple[str, np.ndarray | None, str | None]] = []
+        for p in paths:
+            pending.append(self.prepare(str(p), p, max_pixels))
+            if sum(x is not None for _, x, _ in pending) >= batch:
+                yield from self.classify(pending, topk)
                 pending = []
-        yield from self._flush(pending, topk)
+        yield from self.classify(pending, topk)
 
-    def _flush(self, pending, topk: int) -> Iterator[Prediction]:
-        good = [x for _, _, x, _ in pending if x is not None]
+    def predict_items(self, items: Iterable[tuple[str, str | Path | bytes]], topk: int = 5,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+        """One Prediction per (name, path or encoded bytes), inferred as one batch: what Ray's workers and the
+        serving replicas call, with the images' bytes already read."""
+        return list(self.classify([self.prepare(name, source, max_pixels) for name, source in items], topk))
+
+    def prepare(self, name: str, source, max_pixels: int) -> tuple[str, np.ndarray | None, str | None]:
+        """(name, the model's input, None) or (name, None, why it cannot be decoded)."""
+        try:
+            return name, transform(decode_image(source, max_pixels, self.spec.background), self.spec), None
+        except ImageError as e:
+            return name, None, str(e).replace("<bytes>", name, 1)
+
+    def classify(self, pending, topk: int) -> Iterator[Prediction]:
+        """Predictions for prepared items (``prepare``'s tuples), the decodable ones inferred as one batch."""
+        good = [x for _, x, _ in pending if x is not None]
         probs = iter(softmax(self.runtime.infer(np.stack(good))) if good else [])
         k = min(topk, len(self.labels))
-        for _, path, x, error in pending:
+        for path, x, error in pending:
             if x is None:
                 yield Prediction(path, False, error=error)
                 continue
@@ -98,6 +109,20 @@ class Predictor:
             order = np.argsort(-p)[:k]
             yield Prediction(path, True, [{"rank": r + 1, "index": int(c), "label": self.labels[c],
                                            "prob": float(p[c])} for r, c in enumerate(order)])
+
+
+def artifact_folder(model: str, weights=None, init: str = "pretrained", runtime: str | None = None, images=(),
+                    entry: str | None = None) -> Path:
+    """``model`` if it is an artifact folder, else the checkpoint exported once into the cache for ``runtime``
+    (parity-gated): what Ray's workers and serving replicas open."""
+    if is_artifact(Path(model)):
+        return Path(model)
+    ref = load(model, weights=weights, init=init, entry=entry)
+    backend = by_runtime(runtime or default_runtime())
+    if backend.write is None:
+        raise ValueError(f"the {backend.runtime} runtime runs a module in this process; for Ray pick a runtime that "
+                         f"has an exporter, or pass an artifact folder")
+    return cached_export(ref, backend.name, images=images)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
