@@ -77,12 +77,19 @@ def trained_like_model(variant: str, seed: int = 0):
     return load(trained_like_file(variant, seed))
 
 
+#: the variants above 4 GFLOPs, whose fp64 reference and floor draws cost about a second per input: judged on the
+#: 7 photos and one input of each other kind (9 inputs instead of 15)
+LEAN_REFERENCE = {"litv2_b", "litv2_m", "lightvit_base"}
+
+
 @lru_cache(maxsize=None)
 def trained_like_reference(variant: str, seed: int = 0):
-    """The default reference set of ``trained_like_model(variant, seed)``, floors included."""
+    """The default reference set of ``trained_like_model(variant, seed)``, floors included (a leaner one for the
+    largest variants, see LEAN_REFERENCE)."""
     from levit_deploy.parity import build_reference_set
 
-    return build_reference_set(trained_like_model(variant, seed))
+    lean = dict(noise=1, synthetic=1) if variant in LEAN_REFERENCE else {}
+    return build_reference_set(trained_like_model(variant, seed), **lean)
 
 
 def trained_like_checkpoint(folder: Path, variant: str, layout: str = "official", fmt: str = "safetensors",

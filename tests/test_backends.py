@@ -22,7 +22,7 @@ runner = CliRunner()
 
 
 def test_registry_answers_what_exists_what_runs_here_and_what_a_target_takes():
-    assert targets() == ["onnx", "openvino", "coreml", "tensorrt"]
+    assert targets() == ["onnx", "openvino", "coreml", "tensorrt", "executorch"]
     assert by_runtime("ort").name == "onnx" and get_backend("openvino").runtime == "openvino"
     assert "torch" in installed_runtimes() and "ort" in installed_runtimes()
     assert ("coreml" in installed_runtimes()) == (os.uname().sysname == "Darwin")

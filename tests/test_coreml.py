@@ -9,14 +9,14 @@ from levit_deploy.backends import ExportError, RuntimeUnavailable
 from levit_deploy.cli import app
 
 from conftest import trained_like_model, trained_like_reference
-from variants import EVERY_FAMILY_SMALLEST
+from variants import SMALLEST_LEVIT_FIRST
 
 runner = CliRunner()
 on_mac = platform.system() == "Darwin"
 coreml = pytest.importorskip("coremltools", reason="coremltools not installed: pip install 'levit-deploy[coreml]'")
 
 
-@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+@pytest.mark.parametrize("name", SMALLEST_LEVIT_FIRST)
 def test_coreml_every_variant_converts_and_validates(tmp_path, artifacts, name):
     packages = [(artifacts(name, "coreml"), ["pixel_values"], ["logits"])]
     if "levit_128s" in name:  # an image input with labels too (test_coreml_image_input_... covers its details)

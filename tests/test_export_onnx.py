@@ -45,7 +45,9 @@ def test_every_variant_of_every_family_exports_and_matches_in_ort(artifacts, nam
             assert report.passed, report.summary()
 
 
-@pytest.mark.parametrize("layout", ["official", "timm", "hf"])
+# the default run exports the official layout; every layout of every variant loads in test_checkpoints
+@pytest.mark.parametrize("layout", ["official", pytest.param("timm", marks=pytest.mark.slow),
+                                    pytest.param("hf", marks=pytest.mark.slow)])
 def test_cli_export_from_each_layout(tmp_path, layout):
     path = trained_like_checkpoint(tmp_path / "ck", "levit_128s", layout)
     out = tmp_path / "out"

@@ -24,7 +24,9 @@ def photos(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target, model", [
-    ("onnx", "lightvit_tiny"),  # trained-like: passes (cosine >= 0.9995, 97 % top-1 agreement)
+    # trained-like: passes (cosine >= 0.9995, 97 % top-1 agreement); 34 s, so `make test-all` runs it and the default
+    # run shows an ONNX int8 pass on seeded LeViT weights (test_without_calib_the_stand_in_is_said_loudly)
+    pytest.param("onnx", "lightvit_tiny", marks=pytest.mark.slow),
     # the only model OpenVINO int8 passes here: trained-like LeViT is too ill-conditioned (see below), trained-like
     # LightViT-T flips 2 of 32 photos (93.8 %) and LITv2 trips an OpenVINO transformation bug (a test below)
     ("openvino", "levit_128s"),
@@ -61,6 +63,7 @@ def test_without_calib_the_stand_in_is_said_loudly(tmp_path):
     assert any("STAND-IN" in n for n in manifest["export"]["notes"])
 
 
+@pytest.mark.slow  # 28 s; the default run shows a refusal on the ill-conditioned checkpoint below
 def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, photos, monkeypatch):
     """The choice the ONNX exporter rejected by measurement: with convolutions quantized as well, trained-like
     LightViT-T drops to cosine ~0.92 on photos. The gate must refuse that artifact and keep nothing."""

@@ -9,7 +9,7 @@ import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.parity import compare
 
-from variants import EVERY_FAMILY_SMALLEST
+from variants import SMALLEST_LEVIT_FIRST
 
 pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'levit-deploy[openvino]'")
 runner = CliRunner()
@@ -22,7 +22,7 @@ def weight_types(xml_path) -> set[str]:
             for d in layer.iter("data") if d.get("element_type")}
 
 
-@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+@pytest.mark.parametrize("name", SMALLEST_LEVIT_FIRST)
 def test_openvino_fp32_every_variant_passes_the_fp32_rule(artifacts, name):
     art = artifacts(name, "openvino")
     p = art.manifest["parity"]
