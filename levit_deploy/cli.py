@@ -173,6 +173,9 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
     quiet_exporters()
     options = parse_options(option, as_json)
     run_guarded(as_json, lambda: get_backend(to).parse_options(options))  # refuse bad options before loading
+    if triton_repo is not None:
+        from .triton import servable
+        run_guarded(as_json, servable, to)
     status(f"loading {model} …")
     ref = run_guarded(as_json, _load, model, weights, init, _entry(ema))
     out = out or Path(f"{ref.config.name}-{to}-{precision}")
@@ -364,7 +367,7 @@ def bench(targets: List[str] = typer.Argument(None, help="Variant names, checkpo
 
 @app.command()
 def predict(inputs: List[str] = typer.Argument(..., help="Image files and/or folders (searched recursively); with "
-                                                         "--ray also globs and URIs Ray can read (s3://...)."),
+                                                         "--ray also URIs Ray can read (s3://...)."),
             model: str = typer.Option("levit_128s", help=MODEL_HELP + " Or an artifact folder."),
             weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
             init: str = typer.Option("pretrained", help=INIT_HELP),
@@ -398,6 +401,12 @@ def predict(inputs: List[str] = typer.Argument(..., help="Image files and/or fol
     if use_ray:
         from .predict import artifact_folder
         from .ray_predict import predict_on_ray
+
+        ignored = [flag for flag, given in (("--labels", labels), ("--preprocess", preprocess), ("--csv", csv_path))
+                   if given]
+        if ignored:
+            fail(f"{', '.join(ignored)}: not taken with --ray (the artifact's own labels and preprocessing are used; "
+                 f"the results are Parquet in --output)", as_json)
 
         status(f"opening {model} …")
         folder = run_guarded(as_json, artifact_folder, model, weights, init, runtime, [images] if images else (),
@@ -561,7 +570,11 @@ def serve_http(model: str = typer.Argument(..., help="An artifact folder, or a m
             time.sleep(3600)
     except KeyboardInterrupt:
         from ray import serve
-        serve.shutdown()
+
+        from .serve import APP
+        serve.delete(APP)  # only our application: a shared cluster's other Serve apps keep running
+        if address is None:
+            serve.shutdown()
 
 
 @app.command()

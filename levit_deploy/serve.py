@@ -17,6 +17,7 @@ from .env import require
 from .preprocess import DEFAULT_MAX_PIXELS
 
 MAX_BYTES = 20 * 1024 * 1024
+APP = "levit-deploy"  # the Serve application's name: `serve.delete(APP)` stops it and nothing else
 logger = logging.getLogger("ray.serve")
 
 
@@ -44,7 +45,7 @@ class Classifier:
         if body is None:
             return JSONResponse({"ok": False, "error": f"request body over {self.max_bytes} bytes"}, status_code=413)
         name = request.query_params.get("name", "request")
-        _, x, error = self.predictor.prepare(name, body, DEFAULT_MAX_PIXELS)
+        _, x, error = await asyncio.to_thread(self.predictor.prepare, name, body, DEFAULT_MAX_PIXELS)
         if x is None:
             return JSONResponse({"ok": False, "error": error}, status_code=400)
         return JSONResponse({"ok": True, "topk": await self.infer_batch((name, x))})
@@ -75,12 +76,15 @@ def deployment(artifact, replicas: int = 1, max_batch: int = 16, batch_wait_ms: 
     serve = require("ray.serve", "serving", "ray")
     from .artifacts import read_manifest, verify_artifact
 
-    manifest, folder = read_manifest(Path(artifact))
+    from .ray_predict import require_dynamic_batch
+
+    manifest, folder = read_manifest(Path(artifact).resolve())
     verify_artifact(manifest, folder)  # a bad artifact is one line here, before any replica starts
+    require_dynamic_batch(manifest, "serve")
     if replicas < 1 or max_batch < 1 or batch_wait_ms < 0 or max_bytes < 1:
         raise ValueError("replicas, max_batch and max_bytes must be positive and batch_wait_ms not negative")
     batched = type("Classifier", (Classifier,), {"infer_batch": serve.batch(Classifier.infer_batch)})
-    app = serve.deployment(batched, name="levit-deploy", num_replicas=replicas,
+    app = serve.deployment(batched, name=APP, num_replicas=replicas,
                            ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4 * max_batch)
     return app.bind(str(folder), topk, threads, max_batch, batch_wait_ms, max_bytes)
 
@@ -88,12 +92,12 @@ def deployment(artifact, replicas: int = 1, max_batch: int = 16, batch_wait_ms: 
 def start(artifact, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch: int = 16,
           batch_wait_ms: float = 10.0, topk: int = 5, threads: int = 1, max_bytes: int = MAX_BYTES,
           address: str | None = None) -> str:
-    """Start (or join) Ray, run the application on ``host:port``; returns its URL. ``serve.shutdown()`` stops it."""
+    """Start (or join) Ray, run the application on ``host:port``; returns its URL. ``serve.delete(APP)`` stops it."""
     from .ray_predict import connect
 
     app = deployment(artifact, replicas, max_batch, batch_wait_ms, topk, threads, max_bytes)
     connect(address, replicas)
     serve = require("ray.serve", "serving", "ray")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="levit-deploy", route_prefix="/", blocking=False)
+    serve.run(app, name=APP, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/"

@@ -49,14 +49,17 @@ class TritonOptions:
 def config_text(manifest: dict, name: str, options: TritonOptions, labels_file: str) -> str:
     """The config.pbtxt of an artifact (text format of Triton's ModelConfig)."""
     fmt = manifest["artifact"]["format"]
-    if fmt not in PLATFORMS:
-        raise TritonError(f"Triton has no backend for {fmt} artifacts; export --to onnx, openvino or tensorrt")
+    servable(fmt)
     key, value, _ = PLATFORMS[fmt]
     _, channels, height, width = manifest["input"]["shape"]
     batch = manifest["input"]["shape"][0]
     fixed = isinstance(batch, int)
-    if options.max_batch < 1 or options.instances < 1 or options.threads < 1:
-        raise TritonError("max_batch, instances and threads must be at least 1")
+    if options.max_batch < 1 or options.instances < 1 or options.threads < 1 or min(options.preferred_batch) < 1:
+        raise TritonError("max_batch, preferred batch sizes, instances and threads must be at least 1")
+    engine_max = manifest["artifact"].get("profile", {}).get("max") if fmt == "tensorrt" else None
+    if engine_max and not fixed and options.max_batch > int(engine_max):
+        raise TritonError(f"max_batch {options.max_batch} is above the TensorRT engine's profile maximum {engine_max}; "
+                          f"pass --max-batch {engine_max} or re-export with -o max_batch={options.max_batch}")
     lines = [f'name: "{name}"', f'{key}: "{value}"', f"max_batch_size: {0 if fixed else options.max_batch}"]
     in_dims = [batch, channels, height, width] if fixed else [channels, height, width]
     out_dims = [batch, manifest["output"]["shape"][1]] if fixed else [manifest["output"]["shape"][1]]
@@ -79,16 +82,23 @@ def config_text(manifest: dict, name: str, options: TritonOptions, labels_file: 
 
 def validate_config(text: str):
     """Parse ``text`` with Triton's ModelConfig schema (tritonclient); returns the message, or None when
-    tritonclient is not installed. A config Triton would reject raises TritonError."""
+    tritonclient[grpc] is not installed. A config that does not fit the schema raises TritonError (the schema
+    checks field names, types and enums, not every value Triton would refuse at load time)."""
     try:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
-    except ImportError:
+    except (ImportError, RuntimeError):  # tritonclient without its grpc extra raises RuntimeError
         return None
     try:
         return text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as e:
         raise TritonError(f"generated config.pbtxt does not parse with Triton's schema: {e}") from None
+
+
+def servable(fmt: str) -> None:
+    """Raise TritonError unless Triton has a backend for artifacts of format ``fmt``."""
+    if fmt not in PLATFORMS:
+        raise TritonError(f"Triton has no backend for {fmt} artifacts; export --to onnx, openvino or tensorrt")
 
 
 def write_repository(artifact, repo, options: TritonOptions | None = None) -> Path:
@@ -99,8 +109,7 @@ def write_repository(artifact, repo, options: TritonOptions | None = None) -> Pa
     manifest, folder = read_manifest(Path(artifact))
     verify_artifact(manifest, folder)
     fmt = manifest["artifact"]["format"]
-    if fmt not in PLATFORMS:
-        raise TritonError(f"Triton has no backend for {fmt} artifacts; export --to onnx, openvino or tensorrt")
+    servable(fmt)
     name = options.name or f"{manifest['model']['variant']}_{fmt}"
     if not name.replace("_", "").replace("-", "").isalnum():
         raise TritonError(f"model name {name!r}: use letters, digits, '_' and '-'")
@@ -125,15 +134,17 @@ def write_repository(artifact, repo, options: TritonOptions | None = None) -> Pa
             p.chmod(0o755 if p.is_dir() else 0o644)
         staging.chmod(0o755)
         final = repo / name
-        old = None
-        if final.exists():
-            old = repo / f".{name}-old"
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-        staging.rename(final)
+        old = repo / f".{name}-replaced-{staging.name}" if final.exists() else None
         if old is not None:
-            shutil.rmtree(old)
+            final.rename(old)
+        try:
+            staging.rename(final)
+        except BaseException:
+            if old is not None:
+                old.rename(final)  # the working model goes back in place
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return final
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,7 +34,9 @@ def test_fp32_program_passes_the_gate_on_a_trained_like_checkpoint_and_records_i
         x = np.random.default_rng(0).standard_normal((40, 3, 224, 224)).astype(np.float32)
         whole = rt.infer(x)  # more than max_batch: run in chunks
         assert whole.shape == (40, 1000)
+        np.testing.assert_allclose(whole[:32], rt.infer(x[:32]), rtol=0, atol=1e-5)
         np.testing.assert_allclose(whole[35:], rt.infer(x[35:]), rtol=0, atol=1e-5)
+        assert rt.infer(x[:0]).shape == (0, 1000)
 
 
 def test_parity_predict_and_val_take_a_pte_like_any_artifact(artifacts, tmp_path):

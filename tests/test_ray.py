@@ -84,6 +84,20 @@ def test_cli_predict_on_ray_writes_parquet_and_exits_1_for_bad_images(local_ray,
     assert result.exit_code == 1, result.output
     doc = json.loads(result.stdout.strip().splitlines()[-1])
     assert doc["rows"] == 201 and doc["failed"] == 1 and any((tmp_path / "p").glob("*.parquet"))
+    again = runner.invoke(app, ["predict", str(folder / "good"), "--ray", "--model", str(artifact_128s("onnx").folder),
+                                "--output", str(tmp_path / "p"), "--json"])
+    assert again.exit_code == 0, again.output  # a rerun replaces the results: no rows counted twice
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == 200
+    refused = runner.invoke(app, ["predict", str(folder / "good"), "--ray", "--csv", str(tmp_path / "x.csv")])
+    assert refused.exit_code == 2 and "--csv: not taken with --ray" in refused.output
+
+
+def test_fixed_batch_artifacts_are_refused_for_ray_and_serve_in_one_line():
+    from levit_deploy.ray_predict import require_dynamic_batch
+
+    with pytest.raises(ValueError, match="exported for a fixed batch of 4: re-export with --batch dynamic"):
+        require_dynamic_batch({"input": {"shape": [4, 3, 224, 224]}}, "serve")
+    require_dynamic_batch({"input": {"shape": ["batch", 3, 224, 224]}}, "serve")
 
 
 @pytest.mark.timeout(300)

@@ -55,6 +55,24 @@ def test_export_adds_to_a_repository_and_a_rewrite_replaces_the_model_whole(tmp_
     assert sorted(p.name for p in repo.iterdir()) == ["levit"]  # no staging or old folders left behind
 
 
+def test_a_failed_replacement_puts_the_working_model_back(tmp_path, artifact_128s, monkeypatch):
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    first = write_repository(artifact_128s("onnx").folder, repo, TritonOptions(name="levit"))
+    before = (first / "config.pbtxt").read_text()
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".levit-") and "replaced" not in self.name:  # the staged model moving into place
+            raise OSError("disk full")
+        return real_rename(self, target)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        write_repository(artifact_128s("onnx").folder, repo, TritonOptions(name="levit", max_batch=4))
+    assert (first / "config.pbtxt").read_text() == before and sorted(p.name for p in repo.iterdir()) == ["levit"]
+
+
 def test_a_tampered_artifact_or_a_format_triton_cannot_serve_is_one_line(tmp_path, artifact_128s):
     bad = copy_artifact(artifact_128s("onnx"), tmp_path / "bad")
     with open(bad / "model.onnx", "r+b") as f:

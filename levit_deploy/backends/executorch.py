@@ -54,13 +54,19 @@ def _quiet_imports() -> None:
 @contextlib.contextmanager
 def _native_logs_silenced():
     """ExecuTorch's C++ runtime logs its CPU probing straight to file descriptor 2 when it first starts
-    (``cpuinfo_utils.cpp: Failed to open midr file`` ...): nothing is wrong, and the terminal is for our lines."""
+    (``cpuinfo_utils.cpp: Failed to open midr file`` ...): nothing is wrong, and the terminal is for our lines.
+    If the block fails, what the runtime logged is the reason: it is added to the error."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield
+        except Exception as e:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            logged = [line for line in sink.read().decode(errors="replace").splitlines() if "cpuinfo" not in line]
+            raise RuntimeError(f"{e}" + (f" ({' | '.join(logged[-2:])})" if logged else "")) from None
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -113,7 +119,8 @@ def _export(model: torch.nn.Module, example: torch.Tensor, dynamic: bool, max_ba
     return torch.export.export(model, (example,), dynamic_shapes=shapes)
 
 
-def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOptions) -> tuple[torch.nn.Module, dict]:
+def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOptions,
+                  largest_batch: int) -> tuple[torch.nn.Module, dict]:
     """PT2E with XNNPACK's quantizer: observers inserted, the calibration images run at batch 1, then the
     quantize/dequantize pairs XNNPACK fuses into int8 kernels."""
     require("torchao", "ExecuTorch int8 export", "executorch")
@@ -122,7 +129,8 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     size = model.config.img_size
-    graph = _export(model, torch.randn(2, 3, size, size), dynamic=True, max_batch=64).module()
+    # the calibration graph takes batch 1 (calibration) up to the largest batch the final program will take
+    graph = _export(model, torch.randn(2, 3, size, size), dynamic=True, max_batch=max(64, largest_batch)).module()
     config = get_symmetric_quantization_config(is_per_channel=options.per_channel)
     quantizer = XNNPACKQuantizer().set_operator_type(torch.ops.aten.linear.default, config)
     if options.quantize_convs:
@@ -150,15 +158,17 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
 
     options: ExecutorchOptions = opts.target or ExecutorchOptions()
     dynamic = opts.batch == "dynamic"
-    if options.max_batch < 1:
-        raise ExportError(f"max_batch must be at least 1, got {options.max_batch}")
+    if dynamic and options.max_batch < 2:
+        raise ExportError(f"max_batch must be at least 2 for a dynamic batch, got {options.max_batch} (for one image "
+                          f"per call export --batch 1)")
     size = model.config.img_size
     example = torch.randn(min(2, options.max_batch) if dynamic else int(opts.batch), 3, size, size)
     quant = None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if opts.precision == "int8":
-            model, quant = quantize_pt2e(model, opts.calibration, options)
+            model, quant = quantize_pt2e(model, opts.calibration, options,
+                                         options.max_batch if dynamic else int(opts.batch))
         program, rewrites = xnnpack_form(_export(model, example, dynamic, options.max_batch))
         # torch.export may narrow the batch range (an int8 LightViT program came out as 1..15): plan for what it says
         max_batch = _batch_bound(program, options.max_batch) if dynamic else int(opts.batch)
@@ -235,12 +245,25 @@ class ExecutorchRuntime(Runtime):
             self.et_threads = portable_lib._threadpool_get_thread_count()
             self.program = EtRuntime.get().load_program(self.path)
             self.method = self.program.load_method("forward")
-        planned = int(self.method.metadata.input_tensor_meta(0).sizes()[0])  # the memory plan's largest batch
+        meta = self.method.metadata
+        planned = int(meta.input_tensor_meta(0).sizes()[0])  # the memory plan's largest batch
         self.max_batch = min(self.max_batch or planned, planned)
+        self.classes = int(meta.output_tensor_meta(0).sizes()[-1])
+        # a manifest says whether the batch is fixed; a bare .pte is treated as static (padding is always safe)
+        self.static = self.input_spec.batch is not None or self.manifest is None
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        step = self.max_batch
-        outs = [self.method.execute([torch.from_numpy(x[i:i + step])])[0] for i in range(0, len(x), step)]
+        """Chunks of at most the planned batch; a static program (a bare fixed-batch .pte) gets its last chunk
+        zero-padded to its batch."""
+        step, outs = self.max_batch, []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            pad = step - len(chunk) if self.static else 0
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.method.execute([torch.from_numpy(chunk)])[0][:len(chunk) - pad])
+        if not outs:
+            return np.zeros((0, self.classes), np.float32)
         return torch.cat(outs).numpy().astype(np.float32, copy=False)
 
     def _info(self) -> dict:
