@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .artifacts import FORMAT_VERSION, Artifact, StagedArtifact, hash_tree, publish, staging
 from .backends import get_backend
-from .backends.base import ExportError, RuntimeUnavailable
+from .backends.base import ExportError, RuntimeUnavailable, in_chunks
 from .env import fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
 from .families.base import count_parameters
@@ -55,16 +55,7 @@ class _FixedBatch:
         self.output_transform = runtime.output_transform
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        if self.batch is None:
-            return self.runtime.infer(x)
-        outs = []
-        for i in range(0, len(x), self.batch):
-            chunk = x[i:i + self.batch]
-            pad = self.batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self.runtime.infer(chunk)[:self.batch - pad])
-        return np.concatenate(outs)
+        return self.runtime.infer(x) if self.batch is None else in_chunks(self.runtime.infer, x, self.batch, pad=True)
 
 
 def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
@@ -103,7 +94,7 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     out_dir = Path(out_dir)
     with staging(out_dir) as folder:
         choices = family.choose_for_target(fusion.model, backend.name, opts.precision, opts.target)
-        staged = backend.write(fusion.model, folder, opts)
+        staged = _write(backend, fusion.model, folder, opts)
         if calibration is not None and calibration.warning():
             staged.notes.append(calibration.warning())
         files = {}
@@ -125,6 +116,19 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
         if stale.exists():
             stale.unlink()
     return Artifact(out_dir, out_dir / staged.file, manifest)
+
+
+def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -> StagedArtifact:
+    """The backend's converter; a failure inside a converter (torch.export, a lowering pass, a quantizer) is one
+    line naming the target, and the staging folder is discarded (the original stays chained for the API)."""
+    try:
+        return backend.write(model, folder, opts)
+    except (ExportError, ImportError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a converter's own error, unknown in kind
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ExportError(f"the {backend.name} converter failed for this {model.config.name} ({opts.precision}) model: "
+                          f"{type(e).__name__}: {(lines[0] if lines else '')[:240]}; nothing was kept") from e
 
 
 def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, reference: ReferenceSet

@@ -171,6 +171,17 @@ def copy_artifact(artifact, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_photos(tmp_path_factory):
+    """(calib, judge) folders of real photos for int8 tests: 84 crops of scikit-image photos the gate does not use
+    to calibrate on, 21 crops of the gate's photos to be judged on as the user's images."""
+    from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, write_images
+
+    root = tmp_path_factory.mktemp("int8-photos")
+    return (write_images(root / "calib", photo_crops(OTHER_PHOTOS, 6, seed=1)),
+            write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
+
+
+@pytest.fixture(scope="session")
 def shared_checkpoint():
     """The project's common yardstick (../shared/checkpoints), when this checkout has it."""
     if not SHARED_CHECKPOINT.is_file():

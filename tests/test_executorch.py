@@ -11,7 +11,6 @@ import levit_deploy as ld
 from conftest import trained_like_model
 from levit_deploy.cli import app
 from levit_deploy.preprocess import bundled_photos
-from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, write_images
 from variants import SMALLEST_LEVIT_FIRST
 
 pytest.importorskip("executorch", reason="executorch not installed: pip install 'levit-deploy[executorch]'")
@@ -71,18 +70,11 @@ def test_a_fixed_batch_program_lowers_into_few_pieces_and_refuses_another_batch(
             rt.infer(np.zeros((3, 3, 224, 224), np.float32))
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("et-photos")
-    return (write_images(root / "calib", photo_crops(OTHER_PHOTOS, 3, seed=1)),
-            write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
-
-
 @pytest.mark.slow  # an int8 export with calibration (~1 min); `make test-all` runs it
-def test_int8_program_passes_the_int8_gate_on_real_photos(tmp_path, photos):
+def test_int8_program_passes_the_int8_gate_on_real_photos(tmp_path, int8_photos):
     """LeViT-128S with seeded weights (trained-like LeViT cannot pass any 8-bit gate: see test_int8.py), calibrated
     on real photos and judged on others."""
-    calib, judge = photos
+    calib, judge = int8_photos
     out = tmp_path / "int8"
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "executorch", "--precision",
                                  "int8", "--batch", "16", "--calib", str(calib), "--images", str(judge), "--out",
@@ -99,17 +91,15 @@ def test_int8_program_passes_the_int8_gate_on_real_photos(tmp_path, photos):
 
 
 @pytest.mark.slow  # an int8 export of LightViT (~2 min)
-def test_int8_gate_refuses_what_flips_photos_on_trained_like_lightvit(tmp_path, photos):
-    """Measured: trained-like LightViT-T in XNNPACK int8 keeps cosine >= 0.998 but flips 2 of 32 photos (93.8 %):
-    the gate refuses it, keeps nothing, and says how the checkpoint fares in bf16."""
-    from levit_deploy.export import ExportParityError
-
-    calib, judge = photos
-    with pytest.raises(ExportParityError) as refused:
-        ld.export(trained_like_model("lightvit_tiny"), "executorch", tmp_path / "x", precision="int8", batch=8,
-                  calib=calib, images=[judge])
-    assert refused.value.report.top1_agreement < 0.95 and "computed in bf16" in " ".join(refused.value.report.notes)
-    assert not (tmp_path / "x" / "model.pte").exists()
+def test_int8_program_of_a_trained_like_checkpoint_passes_with_enough_calibration(tmp_path, int8_photos):
+    """Measured: trained-like LightViT-T in XNNPACK int8 flips 2 of 32 photos (93.8 %, refused) calibrated on 42
+    crops, and passes calibrated on these 84 (cosine >= 0.998, 97 % top-1)."""
+    calib, judge = int8_photos
+    artifact = ld.export(trained_like_model("lightvit_tiny"), "executorch", tmp_path / "x", precision="int8", batch=8,
+                         calib=calib, images=[judge])
+    p = artifact.manifest["parity"]
+    assert p["status"] == "passed" and p["min_cosine"] >= 0.99 and p["top1_agreement"] >= 0.95
+    assert artifact.manifest["export"]["calibration"]["size"] == 84
 
 
 @pytest.mark.parametrize("variant", SMALLEST_LEVIT_FIRST)

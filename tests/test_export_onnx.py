@@ -293,3 +293,17 @@ def test_cli_info(tmp_path, hf_128s):
     assert round(doc["flops"] / 1e6) == 305
     bad = runner.invoke(app, ["info", str(tmp_path / "nothing.pth")])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_a_converter_crash_is_one_line_and_keeps_nothing(tmp_path, monkeypatch):
+    """What a lowering pass or quantizer that throws looks like to a user: the target named, exit 2, no traceback."""
+    import levit_deploy.backends.onnx as onnx_backend
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("Dynamic slice on a symbolic dim\nsecond line of an internal trace")
+    monkeypatch.setattr(onnx_backend, "write_onnx", crash)
+    out = tmp_path / "x"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the onnx converter failed for this levit_128s (fp32) model: RuntimeError: Dynamic slice" in result.output
+    assert "second line" not in result.output and (not out.exists() or not any(out.iterdir()))

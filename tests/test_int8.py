@@ -11,16 +11,8 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from conftest import trained_like_file, trained_like_model
 from levit_deploy.cli import app
-from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, write_images
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8-photos")
-    return (write_images(root / "calib", photo_crops(OTHER_PHOTOS, 6, seed=1)),
-            write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
 
 
 @pytest.mark.parametrize("target, model", [
@@ -31,9 +23,9 @@ def photos(tmp_path_factory):
     # LightViT-T flips 2 of 32 photos (93.8 %) and LITv2 trips an OpenVINO transformation bug (a test below)
     ("openvino", "levit_128s"),
 ])
-def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, photos, target, model):
+def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, int8_photos, target, model):
     pytest.importorskip("nncf" if target == "openvino" else "onnxruntime")
-    calib, judge = photos
+    calib, judge = int8_photos
     out = tmp_path / "int8"
     source = ["levit_128s", "--init", "random"] if model == "levit_128s" else [str(trained_like_file(model))]
     result = runner.invoke(app, ["export", *source, "--to", target, "--precision", "int8", "--calib", str(calib),
@@ -64,13 +56,13 @@ def test_without_calib_the_stand_in_is_said_loudly(tmp_path):
 
 
 @pytest.mark.slow  # 28 s; the default run shows a refusal on the ill-conditioned checkpoint below
-def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, photos, monkeypatch):
+def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, int8_photos, monkeypatch):
     """The choice the ONNX exporter rejected by measurement: with convolutions quantized as well, trained-like
     LightViT-T drops to cosine ~0.92 on photos. The gate must refuse that artifact and keep nothing."""
     import levit_deploy.backends.onnx as onnx_backend
     from levit_deploy.export import ExportParityError
 
-    calib, _ = photos
+    calib, _ = int8_photos
     monkeypatch.setattr(onnx_backend, "INT8_OPS", ("MatMul", "Gemm", "Conv"))
     with pytest.raises(ExportParityError) as failure:
         ld.export(trained_like_model("lightvit_tiny"), "onnx", tmp_path / "bad", precision="int8", calib=calib)
@@ -78,12 +70,12 @@ def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, photos, 
     assert not (tmp_path / "bad" / "model.onnx").exists() and (tmp_path / "bad" / "parity-failed-onnx.json").exists()
 
 
-def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(tmp_path, photos):
+def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(tmp_path, int8_photos):
     """Trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
     on about half the photos: no 8-bit artifact can pass, and the report says why."""
     from levit_deploy.export import ExportParityError
 
-    calib, _ = photos
+    calib, _ = int8_photos
     with pytest.raises(ExportParityError) as failure:
         ld.export(trained_like_model("levit_128s"), "onnx", tmp_path, precision="int8", calib=calib)
     notes = " ".join(failure.value.report.notes)

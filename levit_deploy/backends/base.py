@@ -53,6 +53,19 @@ class InputSpec:
         return x  # a device tensor (benchmarks feed CUDA tensors): the runtime moves and casts it
 
 
+def in_chunks(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int, pad: bool) -> np.ndarray:
+    """``run`` over ``x`` in chunks of at most ``size`` images; with ``pad`` the last chunk is zero-padded to
+    ``size`` (a program or artifact with a fixed batch) and the padding's outputs are dropped."""
+    outs = []
+    for i in range(0, len(x), size):
+        chunk = x[i:i + size]
+        missing = size - len(chunk) if pad else 0
+        if missing:
+            chunk = np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(np.asarray(run(chunk))[:size - missing])
+    return np.concatenate(outs)
+
+
 class Runtime(ABC):
     """Runs an artifact or module: float32 (B, 3, H, W) in, (B, classes) outputs out.
 

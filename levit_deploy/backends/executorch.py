@@ -31,7 +31,7 @@ import torch
 
 from ..artifacts import StagedArtifact
 from ..env import require
-from .base import Backend, ExportError, Runtime
+from .base import Backend, ExportError, Runtime, in_chunks
 
 PROGRAM = "model.pte"
 
@@ -255,16 +255,10 @@ class ExecutorchRuntime(Runtime):
     def _infer(self, x: np.ndarray) -> np.ndarray:
         """Chunks of at most the planned batch; a static program (a bare fixed-batch .pte) gets its last chunk
         zero-padded to its batch."""
-        step, outs = self.max_batch, []
-        for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            pad = step - len(chunk) if self.static else 0
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self.method.execute([torch.from_numpy(chunk)])[0][:len(chunk) - pad])
-        if not outs:
+        if not len(x):
             return np.zeros((0, self.classes), np.float32)
-        return torch.cat(outs).numpy().astype(np.float32, copy=False)
+        run = lambda chunk: self.method.execute([torch.from_numpy(chunk)])[0].numpy()  # noqa: E731
+        return in_chunks(run, x, self.max_batch, pad=self.static).astype(np.float32, copy=False)
 
     def _info(self) -> dict:
         from executorch.version import __version__
