@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: the suite is mostly single-threaded Python (exporters, tracing), one worker per core pays.
+# Each test file runs whole in one worker: its module fixtures are built once (session ones once per worker).
+JOBS ?= 2
+XDIST := -n $(JOBS) --dist loadfile
 
 .PHONY: venv demo test test-all bench clean
 
@@ -20,11 +24,11 @@ demo: $(STAMP)
 
 # The fast default run: each family's smallest and largest variant (the `slow` marker holds the rest).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 # The full matrix: every variant of every family (what CI runs).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 bench: $(STAMP)
 	$(BIN)/levit-deploy bench levit_128s --init random --runtime torch --runtime ort

@@ -185,7 +185,10 @@ def _scaled_copy(artifact, folder, factor: float, initializer: str = "stem.0.wei
     return folder
 
 
-@pytest.mark.parametrize("factor,exit_code", [(1 + 1e-6, 0), (1.001, 1)])
+#: one ulp (each weight moves by at most one unit in the last place: what a converter that rounds differently leaves)
+#: passes; ten parts per million on the first convolution is a bug, and on this trained-like checkpoint the tolerance-
+#: decided inputs see it (1e-6, 16 ulps, lies on the edge: it passes or not with the fixture's BatchNorm statistics)
+@pytest.mark.parametrize("factor,exit_code", [(1 + 2 ** -23, 0), (1 + 1e-5, 1)])
 def test_parity_command_catches_a_scaled_weight_but_not_rounding_noise(exported_128s, tmp_path, factor, exit_code):
     folder = _scaled_copy(exported_128s[1], tmp_path / "scaled", factor)
     result = runner.invoke(app, ["parity", str(folder)])
