@@ -146,17 +146,28 @@ def reference_128s():
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
-    """artifacts(variant, target): the trained-like ``variant`` exported to ``target`` once per session.
-    Read-only: copy one (``copy_artifact``) before changing anything."""
+    """artifacts(variant, target): the trained-like ``variant`` exported to ``target`` once per run: under
+    pytest-xdist the first worker to need one exports it into a folder every worker shares (under a file lock) and
+    the others open it. Read-only: copy one (``copy_artifact``) before changing anything."""
     import levit_deploy as ld
+    from filelock import FileLock
+    from levit_deploy.artifacts import Artifact, is_artifact, read_manifest, verify_artifact
 
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-artifacts"
+    shared.mkdir(exist_ok=True)
     made = {}
 
     def get(variant: str, target: str):
         if (variant, target) not in made:
-            made[variant, target] = ld.export(trained_like_model(variant), target,
-                                              tmp_path_factory.mktemp(f"{variant}-{target}"),
-                                              reference=trained_like_reference(variant))
+            folder = shared / f"{variant}-{target}"
+            with FileLock(f"{folder}.lock"):
+                if is_artifact(folder):
+                    manifest, _ = read_manifest(folder)
+                    made[variant, target] = Artifact(folder, verify_artifact(manifest, folder), manifest)
+                else:
+                    made[variant, target] = ld.export(trained_like_model(variant), target, folder,
+                                                      reference=trained_like_reference(variant))
         return made[variant, target]
     return get
 
