@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pytest-xdist workers: the suite is mostly single-threaded Python (exporters, tracing), one worker per core pays.
-# Each test file runs whole in one worker: its module fixtures are built once (session ones once per worker).
+# Each test file runs whole in one worker (its module fixtures are built once); exported artifacts are shared.
 JOBS ?= 2
 XDIST := -n $(JOBS) --dist loadfile
 
