@@ -600,7 +600,7 @@ def triton(artifact: Path = typer.Argument(..., help="An artifact folder (onnx, 
         return
     print(f"model       {folder}")
     print(f"config      {folder / 'config.pbtxt'}" + (" (parsed with Triton's ModelConfig schema)" if checked else
-                                                      " (not schema-checked: pip install tritonclient)"))
+                                                      " (not schema-checked: pip install 'levit-deploy[triton]')"))
     print(f"serve with  docker run --rm -p8000:8000 -p8001:8001 -v {folder.parent.resolve()}:/models "
           f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
 

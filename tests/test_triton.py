@@ -55,6 +55,25 @@ def test_export_adds_to_a_repository_and_a_rewrite_replaces_the_model_whole(tmp_
     assert sorted(p.name for p in repo.iterdir()) == ["levit"]  # no staging or old folders left behind
 
 
+def test_export_with_triton_repo_adds_the_gated_artifact_and_refuses_a_format_triton_cannot_serve(tmp_path):
+    repo = tmp_path / "repo"
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out",
+                                 str(tmp_path / "onnx"), "--triton-repo", str(repo), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    model = repo / "levit_128s_onnx"
+    assert doc["triton_model"] == str(model) and doc["manifest"]["parity"]["status"] == "passed"
+    assert parse((model / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    assert (model / "1" / "model.onnx").read_bytes() == (tmp_path / "onnx" / "model.onnx").read_bytes()
+    # refused before anything is loaded or exported
+    refused = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "coreml", "--out",
+                                  str(tmp_path / "ml"), "--triton-repo", str(tmp_path / "repo2")])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [
+        "error: Triton has no backend for coreml artifacts; export --to onnx, openvino or tensorrt"]
+    assert not (tmp_path / "ml").exists() and not (tmp_path / "repo2").exists()
+
+
 def test_a_failed_replacement_puts_the_working_model_back(tmp_path, artifact_128s, monkeypatch):
     from pathlib import Path
 
