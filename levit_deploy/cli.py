@@ -544,6 +544,9 @@ def serve_http(model: str = typer.Argument(..., help="An artifact folder, or a m
                topk: int = typer.Option(5, help="Classes per answer."),
                threads: int = typer.Option(1, help="Runtime threads per replica."),
                max_bytes: int = typer.Option(20 * 1024 * 1024, help="Largest request body (413 above it)."),
+               body_timeout: float = typer.Option(10.0, help="Seconds a request body may take (408 after them)."),
+               max_queued: int = typer.Option(128, help="Requests waiting beyond the replicas' 4*max-batch "
+                                                        "(503 above it; -1: no limit)."),
                address: Optional[str] = typer.Option(None, help="A Ray cluster to join [default: a local Ray]."),
                weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
                init: str = typer.Option("pretrained", help=INIT_HELP),
@@ -559,7 +562,7 @@ def serve_http(model: str = typer.Argument(..., help="An artifact folder, or a m
     quiet_exporters()
     folder = run_guarded(as_json, artifact_folder, model, weights, init, runtime)
     url = run_guarded(as_json, start, folder, host, port, replicas, max_batch, batch_wait_ms, topk, threads, max_bytes,
-                      address)
+                      address, body_timeout, max_queued)
     if as_json:
         print(json.dumps({"ok": True, "url": url, "artifact": str(folder)}), flush=True)
     else:
