@@ -209,7 +209,8 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
     One reference set per model serves the export (when the cache has no artifact yet) and the
     aarch64 comparison alike.
     """
-    from .artifacts import cached_export, is_artifact, load_source, read_manifest
+    from .artifacts import is_artifact, load_source, read_manifest
+    from .export import cached_export
     from .checkpoints import load
     from .parity import build_reference_set, compare_outputs
 

@@ -289,7 +289,7 @@ def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=Non
     the variant when there are several). Returns (documents, interrupted).
     """
     from .artifacts import is_artifact, load_source
-    from .backends import installed_runtimes, runtimes as known_runtimes
+    from .backends import installed_runtimes, open_artifact, runtimes as known_runtimes
     from .checkpoints import load
     from .parity import build_reference_set
 
@@ -300,7 +300,7 @@ def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=Non
         raise ValueError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(known_runtimes())}")
     documents, interrupted = [], False
     for target in targets:
-        artifacts = [Path(target)] if is_artifact(target) else []
+        artifacts = [open_artifact(target)[1]] if is_artifact(target) else []  # a bad artifact: one line, now
         model = load_source(target) if artifacts else load(target, weights=weights, init=init, entry=entry)
         protocol.img_size = model.config.img_size
         if protocol.device.startswith("cuda"):

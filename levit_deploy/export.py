@@ -7,6 +7,7 @@ the files renamed into place, the manifest last (see :mod:`levit_deploy.artifact
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,16 +17,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import FORMAT_VERSION, Artifact, StagedArtifact, hash_tree, publish, staging
+from .artifacts import (FAILED_REPORT, FORMAT_VERSION, Artifact, ManifestError, StagedArtifact, check_out_dir,
+                        export_lock, hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
 from .backends import get_backend
 from .backends.base import ExportError, RuntimeUnavailable, in_chunks
-from .env import fingerprint, package_versions, write_json_atomic
+from .env import cache_dir, fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
 from .parity import ParityReport, ReferenceSet, build_reference_set, compare
 
-__all__ = ["export", "ExportError", "ExportParityError", "ExportOptions"]
+__all__ = ["export", "cached_export", "ExportError", "ExportParityError", "ExportOptions"]
 
 
 class ExportParityError(ExportError):
@@ -89,32 +91,66 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
         from .calibration import calibration_set
         calibration = calibration_set(spec, calib)
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
-    reference = reference or build_reference_set(model, spec, images=images)
+    with export_lock(Path(out_dir)) as out:
+        check_out_dir(out)
+        return _export_into(model, backend, out, opts, reference or build_reference_set(model, spec, images=images))
+
+
+def cached_export(model, to: str, precision: str = "fp32", reference=None, images=()) -> Path:
+    """Folder of a parity-checked artifact for ``model``: exported once into the cache, then reused. Concurrent
+    callers wait for each other's export instead of refusing."""
+    key = hashlib.sha256(f"{weights_digest(model)}|{to}|{precision}|{__version__}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "artifacts" / f"{model.config.name}-{key}-{to}-{precision}"
+    with export_lock(folder, wait=True) as out:
+        if is_artifact(out):
+            try:
+                manifest, _ = read_manifest(out)
+                verify_artifact(manifest, out, get_backend(manifest["artifact"]["format"]).companions)
+                return out
+            except ManifestError:
+                pass  # a damaged or outdated cache entry is exported again
+        backend = get_backend(to)
+        spec = spec_for_model(model)
+        reference = reference or build_reference_set(model, spec, images=images)
+        _export_into(model, backend, out, ExportOptions(precision, "dynamic", backend.parse_options({})), reference)
+    return folder
+
+
+def weights_digest(model) -> str:
+    """sha256 of the model's tensors: the cache key must name the weights, not where they came from
+    (a random-init seed names different weights whenever the initialisation changes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOptions, reference: ReferenceSet
+                 ) -> Artifact:
+    """Fuse, write into a staging folder beside ``out_dir``, gate, and swap it in (the caller holds the lock)."""
+    family, spec = family_of(model), spec_for_model(model)
     fusion = fuse_checked(model, reference)
-    out_dir = Path(out_dir)
     with staging(out_dir) as folder:
         choices = family.choose_for_target(fusion.model, backend.name, opts.precision, opts.target)
         staged = _write(backend, fusion.model, folder, opts)
-        if calibration is not None and calibration.warning():
-            staged.notes.append(calibration.warning())
+        if opts.calibration is not None and opts.calibration.warning():
+            staged.notes.append(opts.calibration.warning())
         files = {}
         for name in staged.names:
             files.update(hash_tree(folder, name))
         if staged.parity_pending:
-            parity = {"status": "pending", "reason": staged.parity_pending, "precision": precision}
+            parity = {"status": "pending", "reason": staged.parity_pending, "precision": opts.precision}
         else:
             report = _gate(backend, staged, folder, opts, reference)
             parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
             if not report.passed:
-                failed = out_dir / f"parity-failed-{to}.json"
+                failed = out_dir / FAILED_REPORT.format(target=backend.name)
                 write_json_atomic(failed, parity)
                 raise ExportParityError(report, failed)
         manifest = _manifest(model, backend, opts, staged, files, sum((folder / f).stat().st_size for f in files),
                              fusion.reports, spec, parity, choices)
         publish(staged, folder, out_dir, manifest)
-        stale = out_dir / f"parity-failed-{to}.json"
-        if stale.exists():
-            stale.unlink()
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 

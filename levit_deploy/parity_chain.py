@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifacts import is_artifact, load_source
-from .backends import open_runtime
+from .backends import open_artifact, open_runtime
 from .checkpoints import load
 from .fuse import FusionError, fuse_checked
 from .parity import ParityReport, build_reference_set, compare
@@ -17,7 +17,10 @@ from .parity import ParityReport, build_reference_set, compare
 def run_chain(model: str, weights=None, init: str = "pretrained", artifacts=(), images: Path | None = None,
               noise: int = 4, synthetic: int = 4, entry: str | None = None) -> list[ParityReport]:
     artifacts = [Path(a) for a in artifacts]
+    for path in filter(is_artifact, artifacts):
+        open_artifact(path)  # a bad artifact is one line before any work
     if is_artifact(model):
+        open_artifact(model)
         ref = load_source(Path(model))
         artifacts.insert(0, Path(model))
     else:

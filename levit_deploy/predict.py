@@ -12,9 +12,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .artifacts import cached_export, is_artifact, read_manifest
+from .artifacts import is_artifact, read_manifest
 from .backends import by_runtime, default_runtime, open_runtime
 from .checkpoints import load
+from .export import cached_export
 from .labels import load_labels
 from .families import family_of, get_family, spec_for_model
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, decode_image, transform
@@ -90,11 +91,16 @@ class Predictor:
         return list(self.classify([self.prepare(name, source, max_pixels) for name, source in items], topk))
 
     def prepare(self, name: str, source, max_pixels: int) -> tuple[str, np.ndarray | None, str | None]:
-        """(name, the model's input, None) or (name, None, why it cannot be decoded)."""
+        """(name, the model's input, None) or (name, None, why it cannot be decoded): whatever goes wrong with one
+        image (a decoder's own exception, memory) is that image's error, never the run's end."""
         try:
             return name, transform(decode_image(source, max_pixels, self.spec.background), self.spec), None
         except ImageError as e:
             return name, None, str(e).replace("<bytes>", name, 1)
+        except MemoryError:
+            return name, None, f"{name}: out of memory while preparing this image"
+        except Exception as e:  # noqa: BLE001 - a decoder plugin's own error, unknown in kind: one image's record
+            return name, None, f"{name}: cannot decode ({type(e).__name__}: {str(e)[:200]})"
 
     def classify(self, pending, topk: int) -> Iterator[Prediction]:
         """Predictions for prepared items (``prepare``'s tuples), the decodable ones inferred as one batch."""
@@ -106,6 +112,10 @@ class Predictor:
                 yield Prediction(path, False, error=error)
                 continue
             p = next(probs)
+            if not np.all(np.isfinite(p)):
+                yield Prediction(path, False, error=f"{path}: the model's output is not finite (NaN or inf); the "
+                                                    f"artifact or its preprocessing is broken")
+                continue
             order = np.argsort(-p)[:k]
             yield Prediction(path, True, [{"rank": r + 1, "index": int(c), "label": self.labels[c],
                                            "prob": float(p[c])} for r, c in enumerate(order)])
@@ -126,6 +136,7 @@ def artifact_folder(model: str, weights=None, init: str = "pretrained", runtime:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64; a row with a non-finite logit comes out non-finite (the caller reports it)."""
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -18,7 +18,11 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_EVAL_RESIZE = 256
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000x8000
+MAX_ASPECT = 50  # longer / shorter side: resizing the shorter side of a 100000x1 strip would take gigabytes
+MAX_RESIZE = 1024  # shorter side after resizing; with MAX_ASPECT a resized image stays under 160 MB
+INTERPOLATIONS = ("bicubic",)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".jfif", ".ico", ".tga"}
@@ -37,21 +41,60 @@ class PreprocessSpec:
     background: tuple[int, int, int] = BACKGROUND
     source: str = "official"
 
+    def __post_init__(self):
+        """Refuse values that would make a transform fail, divide by zero or allocate without bound (a spec
+        may come from a manifest on disk)."""
+        if not (_is_int(self.crop, 1, MAX_RESIZE) and _is_int(self.resize, 1, MAX_RESIZE)):
+            raise ValueError(f"resize and crop must be integers in [1, {MAX_RESIZE}], got resize={self.resize!r}, "
+                             f"crop={self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if self.channel_order not in ("RGB", "BGR") or self.layout != "NCHW":
+            raise ValueError(f"channel_order must be RGB or BGR and layout NCHW, got {self.channel_order!r}, "
+                             f"{self.layout!r}")
+        for name, low in (("mean", -np.inf), ("std", 0.0)):
+            values = getattr(self, name)
+            if not (len(values) == 3 and all(_is_real(v) and v > low for v in values)):
+                raise ValueError(f"{name} must be three finite numbers{' > 0' if low == 0 else ''}, got {values!r}")
+        if not (_is_real(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
+        if not (len(self.background) == 3 and all(_is_int(v, 0, 255) for v in self.background)):
+            raise ValueError(f"background must be three integers in [0, 255], got {self.background!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        """A spec from its dict form; ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object, got {type(d).__name__}")
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown fields {', '.join(sorted(map(str, unknown)))}")
         d = dict(d)
         for key in ("mean", "std", "background"):
             if key in d:
+                if not isinstance(d[key], (list, tuple)):
+                    raise ValueError(f"{key} must be a list of three numbers, got {type(d[key]).__name__}")
                 d[key] = tuple(d[key])
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 #: the ImageNet recipe most checkpoints were evaluated with: shorter side 256 (crop fraction 0.875),
 #: centre crop 224, bicubic; families declare their own specs from it
-IMAGENET_EVAL = PreprocessSpec(resize=256, crop=224, source="official")
+IMAGENET_EVAL = PreprocessSpec(resize=IMAGENET_EVAL_RESIZE, crop=224, source="official")
 
 
 class ImageError(Exception):
@@ -110,6 +153,9 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
                                  f"(decompression-bomb guard; raise it with --max-pixels)")
+            if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+                raise ImageError(f"{name}: {w}x{h} has an aspect ratio over {MAX_ASPECT}:1; resizing its shorter "
+                                 f"side would need {_resized_pixels(w, h):,} pixels (crop it first)")
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img, background)
@@ -121,6 +167,13 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
         raise ImageError(f"{name}: permission denied") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot decode ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: out of memory while decoding") from None
+
+
+def _resized_pixels(w: int, h: int, size: int = IMAGENET_EVAL_RESIZE) -> int:
+    short, long = max(min(w, h), 1), max(w, h)
+    return size * int(size * long / short)
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -146,8 +199,6 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """RGB PIL image -> float32 (3, crop, crop), normalised."""
-    if spec.interpolation != "bicubic":
-        raise ValueError(f"only bicubic interpolation is implemented, got {spec.interpolation!r}")
     img = center_crop(resize_shorter(img, spec.resize), spec.crop)
     arr = np.asarray(img, dtype=np.float32) * np.float32(spec.scale)
     arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)

@@ -84,10 +84,9 @@ def predict_on_ray(artifact, sources: list[str], output, actors: int = 1, batch:
                    threads: int = 1, address: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Classify every image under ``sources`` on Ray with ``actors`` actors, writing Parquet into ``output``.
     Returns {"rows", "failed", "output"}. ``artifact`` must be readable at the same path on every worker."""
-    from .artifacts import read_manifest, verify_artifact
+    from .backends import open_artifact
 
-    manifest, folder = read_manifest(Path(artifact).resolve())
-    verify_artifact(manifest, folder)  # here first: a bad artifact is one line before any worker starts
+    manifest, folder, _, _ = open_artifact(Path(artifact).resolve())  # here first: a bad artifact is one line before any worker starts
     require_dynamic_batch(manifest, "predict --ray")
     paths = ray_sources([str(s) for s in sources])
     ray = connect(address, actors)

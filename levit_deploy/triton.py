@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import read_manifest, verify_artifact
+from .backends import open_artifact
 from .labels import load_labels
 
 PLATFORMS = {"onnx": ("platform", "onnxruntime_onnx", "model.onnx"),
@@ -106,8 +106,7 @@ def write_repository(artifact, repo, options: TritonOptions | None = None) -> Pa
     model's folder. The artifact's files are hash-checked first; an existing model of the same name is replaced
     only once the new one is complete."""
     options = options or TritonOptions()
-    manifest, folder = read_manifest(Path(artifact))
-    verify_artifact(manifest, folder)
+    manifest, folder, _, _ = open_artifact(Path(artifact))
     fmt = manifest["artifact"]["format"]
     servable(fmt)
     name = options.name or f"{manifest['model']['variant']}_{fmt}"

@@ -187,8 +187,8 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
     A checkpoint (or variant name) is its own reference: its model in PyTorch fp32. An artifact runs in
     its runtime and its reference is its source checkpoint, rebuilt once however many artifacts share it.
     """
-    from .artifacts import is_artifact, load_source, read_manifest
-    from .backends import open_runtime
+    from .artifacts import is_artifact, load_source
+    from .backends import open_artifact, open_runtime
     from .checkpoints import load
     from .families import spec_for_model
 
@@ -203,7 +203,7 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
 
     for name in models:
         if is_artifact(Path(name)):
-            manifest, folder = read_manifest(name)
+            manifest, folder, _, _ = open_artifact(name)
             key = _source_key(manifest.get("source", {}), manifest["model"]["variant"])
             reference_for(key, lambda: load_source(folder))
             precision = manifest["export"]["precision"]

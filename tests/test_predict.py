@@ -211,8 +211,8 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, fresh_cache, monk
     import sys
     export_module = sys.modules["levit_deploy.export"]  # the package's export() shadows the module name
     calls = []
-    real = export_module.export
-    monkeypatch.setattr(export_module, "export", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = export_module._export_into
+    monkeypatch.setattr(export_module, "_export_into", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     for _ in range(2):
         r = runner.invoke(app, ["predict", str(img), "--init", "random", "--json"])
         assert r.exit_code == 0, r.output
@@ -225,7 +225,7 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, fresh_cache, monk
 def test_artifact_cache_is_keyed_by_the_weights(fresh_cache):
     import torch
 
-    from levit_deploy.artifacts import cached_export
+    from levit_deploy.export import cached_export
     a = ld.load("levit_128s", init="random")
     b = ld.load("levit_128s", init="random")
     with torch.no_grad():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import ManifestError, read_manifest, verify_artifact
+from ..artifacts import MANIFEST_NAME, ManifestError, read_manifest, verify_artifact
 from .base import Backend, ExportError, InputSpec, Runtime, RuntimeUnavailable
 
 MODULES = ("onnx", "openvino", "coreml", "tensorrt", "executorch", "pytorch")
@@ -65,6 +65,19 @@ def default_runtime() -> str:
     return next((b.runtime for b in backends().values() if b.write is not None and b.usable()), module_runtime())
 
 
+def open_artifact(path: str | Path) -> tuple[dict, Path, Path, Backend]:
+    """(manifest, folder, main file, backend) of an artifact folder (or a file in it): the manifest checked against
+    the schema and its format against the registry, every file it names inside the folder and hash-checked, every
+    file the runtime opens hashed. ManifestError, one line, otherwise."""
+    manifest, folder = read_manifest(path)
+    fmt = manifest["artifact"]["format"]
+    if fmt not in backends():
+        raise ManifestError(f"{folder / MANIFEST_NAME}: artifact.format {fmt[:40]!r} is not a known format "
+                            f"({', '.join(backends())})")
+    backend = backends()[fmt]
+    return manifest, folder, verify_artifact(manifest, folder, backend.companions), backend
+
+
 def open_runtime(path_or_model, runtime: str | None = None, device: str = "cpu", threads: int | None = 1,
                  **options) -> Runtime:
     """A Runtime for an artifact (its folder or its file) or a torch module; opened on first use.
@@ -84,13 +97,11 @@ def open_runtime(path_or_model, runtime: str | None = None, device: str = "cpu",
         raise FileNotFoundError(f"{path}: no such artifact")
     manifest = None
     try:
-        manifest, folder = read_manifest(path)
+        manifest, _, file, backend = open_artifact(path)
     except ManifestError:
-        if path.is_dir():
+        if path.is_dir() or (path.parent / MANIFEST_NAME).exists():
             raise
     if manifest is not None:
-        file = verify_artifact(manifest, folder)
-        backend = get_backend(manifest["artifact"]["format"])
         options.setdefault("precision", manifest["export"]["precision"])
         options.setdefault("input_spec", InputSpec.from_manifest(manifest))
         for key, value in manifest["artifact"].get("runtime_options", {}).items():
@@ -108,4 +119,4 @@ def open_runtime(path_or_model, runtime: str | None = None, device: str = "cpu",
 
 __all__ = ["Backend", "Runtime", "RuntimeUnavailable", "ExportError", "InputSpec", "backends", "get_backend",
            "by_runtime", "targets", "runtimes", "installed_runtimes", "module_runtime", "default_runtime",
-           "open_runtime"]
+           "open_artifact", "open_runtime"]

@@ -145,6 +145,7 @@ class Backend:
     extra: str | None = None  # pip extra that installs it
     packages: tuple[str, ...] = ()  # distributions whose versions the manifest records
     suffixes: tuple[str, ...] = ()  # artifact file suffixes, to open a bare file without a manifest
+    companions: tuple[str, ...] = ()  # suffixes of files the runtime opens beside the main one (OpenVINO's .bin)
     precisions: tuple[str, ...] = ()  # export precisions; empty: a runtime without an exporter
     compute_precisions: tuple[str, ...] = ("fp32",)  # what the runtime can compute an fp32 artifact in
     options: type | None = None  # dataclass of the target's own export options

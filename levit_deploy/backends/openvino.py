@@ -147,4 +147,4 @@ class OpenVinoRuntime(Runtime):
 BACKEND = Backend(
     name="openvino", runtime="openvino", description="OpenVINO IR, run by OpenVINO on CPU",
     runtime_class=OpenVinoRuntime, module="openvino", extra="openvino", packages=("openvino", "nncf"),
-    suffixes=(".xml",), precisions=("fp32", "fp16", "int8"), compute_precisions=("fp32", "bf16", "fp16"), write=write)
+    suffixes=(".xml",), companions=(".bin",), precisions=("fp32", "fp16", "int8"), compute_precisions=("fp32", "bf16", "fp16"), write=write)
