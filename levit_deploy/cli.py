@@ -192,7 +192,7 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
                 status(f"WARNING: {calibration.warning()}")
         artifact = do_export(ref, to, out, precision=precision, batch=batch, img_size=img_size,
                              images=[images] if images else (), options=options, calib=calib,
-                             calibration=calibration)
+                             calibration=calibration, status=status)
     except (ExportParityError, FusionError) as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e), "parity": e.report.to_dict()}))
@@ -231,6 +231,11 @@ def export(model: str = typer.Argument(..., help=MODEL_HELP),
               f"{report.worst_margin:.2g} (<= 1 passes), max e/s {report.max_e_over_s:.1e}, cosine ≥ "
               f"{report.min_cosine:.6f}, top-1 {report.top1_agreement:.0%}")
         print(format_kinds(report, indent="            "))
+    recipe = m["export"].get("calibration", {}).get("recipe")
+    if recipe:
+        kept = recipe["keep_float"]
+        print(f"int8        {len(kept)} of {recipe['quantized_layers']} quantized layers kept in float"
+              + (f": {', '.join(kept)} (replay: -o keep_float={','.join(kept)})" if kept else ""))
     for note in m["export"]["notes"] + m["parity"].get("notes", []):
         print(f"note        {note}")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
 from .parity import ParityReport, ReferenceSet, build_reference_set, compare
+from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate
 
 __all__ = ["export", "cached_export", "ExportError", "ExportParityError", "ExportOptions"]
 
@@ -47,6 +49,7 @@ class ExportOptions:
     batch: str | int = "dynamic"
     target: Any = None  # the backend's own options dataclass (None if it has none)
     calibration: Any = None  # int8: the CalibrationSet the quantizer takes its activation ranges from
+    keep_float: tuple[str, ...] = ()  # int8: the layers (module paths) this attempt keeps in float
 
 
 class _FixedBatch:
@@ -62,7 +65,8 @@ class _FixedBatch:
 
 def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
            batch: str | int = "dynamic", img_size: int | None = None, reference: ReferenceSet | None = None,
-           images=(), options: dict | None = None, calib=None, calibration=None, **target_options) -> Artifact:
+           images=(), options: dict | None = None, calib=None, calibration=None,
+           status: Callable[[str], None] | None = None, **target_options) -> Artifact:
     """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
 
     ``reference``: the model's reference set, if already built; else the default one (bundled photos,
@@ -70,7 +74,8 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     target's own options (e.g. ``opset=17`` for onnx); one the target does not take is refused.
     int8: ``calib`` is a folder of the user's images for calibration, ``calibration`` an already built
     CalibrationSet; without either, the stand-in set (and the manifest says so). The int8 gate is judged
-    on the reference set's decoded images only.
+    on the reference set's decoded images only; when the plain int8 artifact fails it, the most sensitive layers
+    are kept in float step by step (:mod:`levit_deploy.quantize`). ``status``: called with progress lines.
     """
     backend = get_backend(to)
     if backend.write is None:
@@ -86,6 +91,9 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
         raise ExportError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
     if precision != "int8" and (calib or calibration):
         raise ExportError(f"calibration images are for int8 export; {precision} needs none")
+    if precision != "int8" and isinstance(target, QuantOptions) and (
+            target.keep_float or target.max_float_fraction != MAX_FLOAT_FRACTION):
+        raise ExportError(f"keep_float and max_float_fraction are int8 options; {precision} takes neither")
     spec = spec_for_model(model)
     if precision == "int8" and calibration is None:  # (the CLI builds it first, to say what it calibrates on)
         from .calibration import calibration_set
@@ -93,7 +101,8 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
     with export_lock(Path(out_dir)) as out:
         check_out_dir(out)
-        return _export_into(model, backend, out, opts, reference or build_reference_set(model, spec, images=images))
+        return _export_into(model, backend, out, opts, reference or build_reference_set(model, spec, images=images),
+                            status or (lambda _: None))
 
 
 def cached_export(model, to: str, precision: str = "fp32", reference=None, images=()) -> Path:
@@ -112,7 +121,8 @@ def cached_export(model, to: str, precision: str = "fp32", reference=None, image
         backend = get_backend(to)
         spec = spec_for_model(model)
         reference = reference or build_reference_set(model, spec, images=images)
-        _export_into(model, backend, out, ExportOptions(precision, "dynamic", backend.parse_options({})), reference)
+        _export_into(model, backend, out, ExportOptions(precision, "dynamic", backend.parse_options({})), reference,
+                     lambda _: None)
     return folder
 
 
@@ -126,25 +136,26 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOptions, reference: ReferenceSet
-                 ) -> Artifact:
+def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOptions, reference: ReferenceSet,
+                 status: Callable[[str], None]) -> Artifact:
     """Fuse, write into a staging folder beside ``out_dir``, gate, and swap it in (the caller holds the lock)."""
     family, spec = family_of(model), spec_for_model(model)
     fusion = fuse_checked(model, reference)
     with staging(out_dir) as folder:
         choices = family.choose_for_target(fusion.model, backend.name, opts.precision, opts.target)
-        staged = _write(backend, fusion.model, folder, opts)
+        staged, report = _write_and_gate(backend, fusion.model, folder, opts, reference, status)
         if opts.calibration is not None and opts.calibration.warning():
             staged.notes.append(opts.calibration.warning())
         files = {}
         for name in staged.names:
             files.update(hash_tree(folder, name))
-        if staged.parity_pending:
+        if report is None:
             parity = {"status": "pending", "reason": staged.parity_pending, "precision": opts.precision}
         else:
-            report = _gate(backend, staged, folder, opts, reference)
             parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
             if not report.passed:
+                if "recipe" in staged.details.get("quantization", {}):
+                    parity["int8_search"] = staged.details["quantization"]["recipe"]
                 failed = out_dir / FAILED_REPORT.format(target=backend.name)
                 write_json_atomic(failed, parity)
                 raise ExportParityError(report, failed)
@@ -154,6 +165,38 @@ def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOpt
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 
+def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions, reference: ReferenceSet,
+                    status: Callable[[str], None]) -> tuple[StagedArtifact, ParityReport | None]:
+    """The staged artifact and its gate's report (None: parity pending on this machine). int8: the user's recipe
+    (``keep_float``), or the search for the fewest layers in float that pass (recorded in the details)."""
+    if opts.precision != "int8":
+        staged = _write(backend, model, folder, opts)
+        return staged, None if staged.parity_pending else _gate(backend, staged, folder, opts, reference)
+
+    def attempt(keep: tuple[str, ...]):
+        for entry in folder.iterdir():  # the previous attempt's files
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        staged = _write(backend, model, folder, replace(opts, keep_float=keep))
+        report = _gate(backend, staged, folder, opts, reference)
+        return (staged, report), report, staged.details["quantization"]["layers"]
+
+    recipe = opts.target.recipe()
+    if recipe is not None:
+        result, report, layers = attempt(recipe)
+        outcome = Outcome(result, recipe, layers + list(recipe), passed=report.passed)
+    else:
+        outcome = fit_to_gate(attempt, model, opts.calibration.inputs, opts.target.max_float_fraction, status)
+    staged, report = outcome.result
+    staged.details["quantization"]["recipe"] = outcome.describe()
+    status(f"int8: {outcome.summary()}")
+    if not outcome.passed and len(outcome.attempts) > 1:
+        tried = ", ".join(str(len(a.keep_float)) for a in outcome.attempts)
+        report.notes.append(f"kept {tried} of {len(outcome.quantized)} quantized layers in float, most sensitive "
+                            f"first, up to the cap (-o max_float_fraction={opts.target.max_float_fraction:g}); none "
+                            f"passed: deploy in fp32 or bf16, or raise the cap")
+    return staged, report
+
+
 def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -> StagedArtifact:
     """The backend's converter; a failure inside a converter (torch.export, a lowering pass, a quantizer) is one
     line naming the target, and the staging folder is discarded (the original stays chained for the API)."""
@@ -161,6 +204,8 @@ def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -
         return backend.write(model, folder, opts)
     except (ExportError, ImportError, KeyboardInterrupt):
         raise
+    except RecipeError as e:
+        raise ExportError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a converter's own error, unknown in kind
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ExportError(f"the {backend.name} converter failed for this {model.config.name} ({opts.precision}) model: "

@@ -33,7 +33,7 @@ def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_pat
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)["manifest"]
     assert m["parity"]["status"] == "passed" and m["parity"]["precision"] == "int8"
-    assert m["parity"]["min_cosine"] >= 0.99 and m["parity"]["top1_agreement"] >= 0.95
+    assert all(r["passed"] for r in m["parity"]["per_input"] if r["gating"]) and m["parity"]["top1_agreement"] >= 0.95
     judged = {k["kind"]: k for k in m["parity"]["kinds"]}
     assert judged["user images"]["n"] == 21 and judged["user images"]["gating"] and not judged["noise"]["gating"]
     cal = m["export"]["calibration"]
@@ -58,28 +58,32 @@ def test_without_calib_the_stand_in_is_said_loudly(tmp_path):
 @pytest.mark.slow  # 28 s; the default run shows a refusal on the ill-conditioned checkpoint below
 def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, int8_photos, monkeypatch):
     """The choice the ONNX exporter rejected by measurement: with convolutions quantized as well, trained-like
-    LightViT-T drops to cosine ~0.92 on photos. The gate must refuse that artifact and keep nothing."""
+    LightViT-T drops to cosine ~0.92 on photos. The gate alone (no search: max_float_fraction=0) must refuse that
+    artifact and keep nothing."""
     import levit_deploy.backends.onnx as onnx_backend
     from levit_deploy.export import ExportParityError
 
     calib, _ = int8_photos
     monkeypatch.setattr(onnx_backend, "INT8_OPS", ("MatMul", "Gemm", "Conv"))
     with pytest.raises(ExportParityError) as failure:
-        ld.export(trained_like_model("lightvit_tiny"), "onnx", tmp_path / "bad", precision="int8", calib=calib)
+        ld.export(trained_like_model("lightvit_tiny"), "onnx", tmp_path / "bad", precision="int8", calib=calib,
+                  max_float_fraction=0)
     assert failure.value.report.min_cosine < 0.99
     assert not (tmp_path / "bad" / "model.onnx").exists() and (tmp_path / "bad" / "parity-failed-onnx.json").exists()
 
 
 def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(tmp_path, int8_photos):
-    """Trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
-    on about half the photos: no 8-bit artifact can pass, and the report says why."""
+    """Shifted trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
+    on about half the photos: the plain int8 artifact is refused and the report says why (the search for layers to
+    keep in float, which fails too on the shared shifted yardstick, is left out here for time: 2.5 minutes)."""
     from levit_deploy.export import ExportParityError
 
     calib, _ = int8_photos
     with pytest.raises(ExportParityError) as failure:
-        ld.export(trained_like_model("levit_128s"), "onnx", tmp_path, precision="int8", calib=calib)
+        ld.export(trained_like_model("levit_128s"), "onnx", tmp_path, precision="int8", calib=calib,
+                  max_float_fraction=0)
     notes = " ".join(failure.value.report.notes)
-    assert "computed in bf16" in notes and failure.value.report.top1_agreement < 0.95
+    assert "computed in bf16" in notes and not failure.value.report.passed
     bf16_agreement = float(notes.split("top-1 agreement ")[1].split("%")[0]) / 100
     assert bf16_agreement < 0.95  # the checkpoint itself cannot agree in 8 bits of mantissa
 

@@ -31,13 +31,14 @@ import torch
 
 from ..artifacts import StagedArtifact
 from ..env import require
+from ..quantize import QuantOptions, check_recipe
 from .base import Backend, ExportError, Runtime, in_chunks
 
 PROGRAM = "model.pte"
 
 
 @dataclass
-class ExecutorchOptions:
+class ExecutorchOptions(QuantOptions):
     max_batch: int = field(default=32, metadata={"help": "--batch dynamic: the largest batch one call takes (the "
                                                          "memory plan is sized for it; larger batches run in chunks)"})
     per_channel: bool = field(default=True, metadata={"help": "int8: per-channel weight scales (False: per-tensor)"})
@@ -120,9 +121,10 @@ def _export(model: torch.nn.Module, example: torch.Tensor, dynamic: bool, max_ba
 
 
 def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOptions,
-                  largest_batch: int) -> tuple[torch.nn.Module, dict]:
+                  largest_batch: int, keep_float=()) -> tuple[torch.nn.Module, dict]:
     """PT2E with XNNPACK's quantizer: observers inserted, the calibration images run at batch 1, then the
-    quantize/dequantize pairs XNNPACK fuses into int8 kernels."""
+    quantize/dequantize pairs XNNPACK fuses into int8 kernels. ``keep_float``: module paths the quantizer skips
+    (``set_module_name(path, None)``)."""
     require("torchao", "ExecuTorch int8 export", "executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
@@ -135,6 +137,11 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
     quantizer = XNNPACKQuantizer().set_operator_type(torch.ops.aten.linear.default, config)
     if options.quantize_convs:
         quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if options.quantize_convs else (torch.nn.Linear,)
+    layers = [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    check_recipe(keep_float, layers)
+    for name in keep_float:
+        quantizer.set_module_name(name, None)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for x in calibration.inputs:
@@ -142,6 +149,7 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
     quantized = convert_pt2e(prepared)
     quantized.config = model.config
     return quantized, {
+        "layers": [name for name in layers if name not in keep_float],
         "method": f"PT2E post-training quantization, XNNPACKQuantizer symmetric int8, "
                   f"{'per-channel' if options.per_channel else 'per-tensor'} weights, static activations",
         "quantized_ops": "linear" + (" and conv2d" if options.quantize_convs else "") + " (the ops with weights)",
@@ -168,7 +176,7 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
         warnings.simplefilter("ignore")
         if opts.precision == "int8":
             model, quant = quantize_pt2e(model, opts.calibration, options,
-                                         options.max_batch if dynamic else int(opts.batch))
+                                         options.max_batch if dynamic else int(opts.batch), opts.keep_float)
         program, rewrites = xnnpack_form(_export(model, example, dynamic, options.max_batch))
         # torch.export may narrow the batch range (an int8 LightViT program came out as 1..15): plan for what it says
         max_batch = _batch_bound(program, options.max_batch) if dynamic else int(opts.batch)

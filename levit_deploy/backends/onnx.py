@@ -15,6 +15,7 @@ import torch
 
 from ..artifacts import StagedArtifact
 from ..env import require
+from ..quantize import QuantOptions, check_recipe
 from .base import Backend, ExportError, Runtime, RuntimeUnavailable
 
 MIN_OPSET = 13  # strided slicing (the shrink-attention subsample) needs 13+
@@ -26,7 +27,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"],
 
 
 @dataclass
-class OnnxOptions:
+class OnnxOptions(QuantOptions):
     # 20: GELU is one Gelu op (ONNX Runtime runs LightViT-S 1.12x faster than with opset 19's erf pattern,
     # which it does not fuse after this exporter); LITv2's DeformConv needs 19
     opset: int = field(default=20, metadata={"help": "ONNX opset: 18+ uses the torch.export exporter, 13-17 the "
@@ -141,10 +142,27 @@ def _optional(module: str):
 INT8_OPS = ("MatMul", "Gemm")
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, calibration) -> dict:
+def layer_paths(graph, op_types) -> dict[str, str]:
+    """ONNX node name -> module path of the deployed model, for the nodes of ``op_types`` that carry weights.
+
+    The exporter names initializers after the module's parameters (``stages.0.inner.qkv.bias``); a weight it
+    transposed into a new constant keeps the bias's name beside it, so one of the two always names the module."""
+    weights = {i.name for i in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type not in op_types:
+            continue
+        params = [i for i in node.input if i in weights and i.rsplit(".", 1)[-1] in ("weight", "bias")]
+        if params:
+            out[node.name] = params[0].rsplit(".", 1)[0]
+    return out
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration, keep_float=()) -> dict:
     """ONNX Runtime static quantization: QDQ format, per-channel int8 weights, uint8 activations with
     MinMax ranges from the calibration images fed at batch 1 (U8S8: the VNNI path on x86-64; S8S8 ran no
-    faster than fp32 here, measured). Returns what the manifest records."""
+    faster than fp32 here, measured). ``keep_float``: module paths left in float. Returns what the manifest
+    records, with ``layers``: the module paths quantized."""
     require("onnxruntime", "int8 ONNX export", "onnx")
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -164,16 +182,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration) -> dict:
         quant_pre_process(str(fp32_path), str(prepared))
         onnx = require("onnx", "int8 ONNX export", "onnx")
         graph = onnx.load(str(prepared)).graph
-        weights = {i.name for i in graph.initializer}
-        nodes = [n.name for n in graph.node if n.op_type in INT8_OPS and any(i in weights for i in n.input)]
+        paths = layer_paths(graph, INT8_OPS)
+        check_recipe(keep_float, list(paths.values()))
+        nodes = [name for name, path in paths.items() if path not in keep_float]
         quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes, 
                         op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax)
     prepared.unlink()
-    kept = sum(n.op_type in INT8_OPS for n in graph.node) - len(nodes)
-    return {"method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax",
+    kept = sum(n.op_type in INT8_OPS for n in graph.node) - len(paths)
+    return {"layers": [paths[n] for n in nodes], "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax",
             "quantized_ops": f"{len(nodes)} {'/'.join(INT8_OPS)} nodes with weights",
-            "ignored_scope": f"{kept} activation-by-activation MatMuls (attention q·kᵀ, attn·v), convolutions and "
+            "ignored_scope": f"{len(keep_float)} layers kept in float (keep_float), {kept} activation-by-activation MatMuls (attention q·kᵀ, attn·v), convolutions and "
                              f"every other op type stay fp32", "calibration_batch": 1}
 
 
@@ -183,7 +202,7 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     fp32_dir = staging / "fp32"
     fp32_dir.mkdir()
     staged = write_onnx(model, fp32_dir, "fp32", opts.batch, opts.target)
-    quant = quantize_qdq(fp32_dir / staged.file, staging / "model.onnx", opts.calibration)
+    quant = quantize_qdq(fp32_dir / staged.file, staging / "model.onnx", opts.calibration, opts.keep_float)
     for f in fp32_dir.iterdir():
         f.unlink()
     fp32_dir.rmdir()

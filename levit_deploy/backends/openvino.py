@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,10 +20,17 @@ import torch
 
 from ..artifacts import StagedArtifact
 from ..env import require
+from ..quantize import QuantOptions, check_recipe
 from .base import Backend, Runtime
-from .onnx import write_onnx
+from .onnx import layer_paths, write_onnx
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+WEIGHT_OPS = ("MatMul", "Convolution", "GroupConvolution")  # the OpenVINO ops NNCF quantizes weights of
+
+
+@dataclass
+class OpenVinoOptions(QuantOptions):
+    """OpenVINO's own export options: for now only the int8 ones every int8 target takes."""
 
 
 def onnx_extensions() -> list:
@@ -47,14 +55,30 @@ def onnx_extensions() -> list:
     return [ConversionExtension("DeformConv", deform_conv)]
 
 
-def quantize_nncf(ir, calibration) -> tuple[object, dict]:
+def ov_layer_names(ir, onnx_graph) -> dict[str, str]:
+    """Module path -> OpenVINO op name for every weight op of ``ir``: the converter names each op after the ONNX
+    node it came from (``Gemm_31/WithoutBiases``), whose weights name the module (:func:`.onnx.layer_paths`)."""
+    paths = layer_paths(onnx_graph, ("MatMul", "Gemm", "Conv"))
+    out = {}
+    for op in ir.get_ordered_ops():
+        if op.get_type_name() in WEIGHT_OPS and op.input_value(1).get_node().get_type_name() != "Parameter":
+            path = paths.get(op.get_friendly_name().split("/")[0])
+            if path is not None:
+                out[path] = op.get_friendly_name()
+    return out
+
+
+def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=()) -> tuple[object, dict]:
     """NNCF post-training quantization of an fp32 IR, transformer mode, calibrated at batch 1.
 
     SmoothQuant, which transformer mode turns on by default, is off: on LeViT-128S (1 thread, batch 16)
     it cut int8 speed from 653 to 536 images/s and cosine to the fp64 reference from 0.9996 to 0.93
     (measured side by side). No ignored scope beyond what transformer mode leaves in fp32: adding
-    attention's activation-by-activation MatMuls to it changed nothing (measured)."""
+    attention's activation-by-activation MatMuls to it changed nothing (measured). ``keep_float``: module
+    paths (keys of ``layers``) left in float through NNCF's ignored scope."""
     nncf = require("nncf", "int8 OpenVINO export", "int8")
+    check_recipe(keep_float, list(layers))
+    ignored = nncf.IgnoredScope(names=[layers[k] for k in keep_float]) if keep_float else None
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     data = nncf.Dataset(list(calibration.inputs), lambda x: np.ascontiguousarray(x[None]))
@@ -62,11 +86,14 @@ def quantize_nncf(ir, calibration) -> tuple[object, dict]:
     logging.getLogger("nncf").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         quantized = nncf.quantize(ir, data, model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(calibration.inputs), advanced_parameters=advanced)
+                                  subset_size=len(calibration.inputs), advanced_parameters=advanced,
+                                  **({"ignored_scope": ignored} if ignored else {}))
     return quantized, {"method": f"NNCF {nncf.__version__} post-training quantization (model_type=TRANSFORMER, "
                                  f"preset MIXED, fast bias correction, SmoothQuant off)",
-                       "ignored_scope": "none (NNCF's transformer mode keeps softmax, normalisation and "
-                                        "elementwise ops in fp32)", "calibration_batch": 1}
+                       "layers": [k for k in layers if k not in keep_float],
+                       "ignored_scope": f"{len(keep_float)} layers kept in float (keep_float); NNCF's transformer "
+                                        f"mode keeps softmax, normalisation and elementwise ops in fp32",
+                       "calibration_batch": 1}
 
 
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
@@ -81,7 +108,9 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
                           extension=onnx_extensions())
     quant = None
     if opts.precision == "int8":
-        ir, quant = quantize_nncf(ir, opts.calibration)
+        onnx = require("onnx", "int8 OpenVINO export", "onnx")
+        layers = ov_layer_names(ir, onnx.load(str(onnx_dir / staged_onnx.file)).graph)
+        ir, quant = quantize_nncf(ir, opts.calibration, layers, opts.keep_float)
     ov.save_model(ir, str(staging / "model.xml"), compress_to_fp16=opts.precision == "fp16")
     for f in onnx_dir.iterdir():
         f.unlink()
@@ -147,4 +176,5 @@ class OpenVinoRuntime(Runtime):
 BACKEND = Backend(
     name="openvino", runtime="openvino", description="OpenVINO IR, run by OpenVINO on CPU",
     runtime_class=OpenVinoRuntime, module="openvino", extra="openvino", packages=("openvino", "nncf"),
-    suffixes=(".xml",), companions=(".bin",), precisions=("fp32", "fp16", "int8"), compute_precisions=("fp32", "bf16", "fp16"), write=write)
+    suffixes=(".xml",), companions=(".bin",), precisions=("fp32", "fp16", "int8"),
+    compute_precisions=("fp32", "bf16", "fp16"), options=OpenVinoOptions, write=write)

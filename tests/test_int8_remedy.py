@@ -1,0 +1,209 @@
+"""int8 with a remedy (issue 30): the floor-relative int8 gate, per-layer sensitivity, the search for the fewest
+layers kept in float, and recipes that replay.
+
+Accuracy claims here are measured on the shared *in-distribution* LeViT-128S yardstick
+(../shared/checkpoints/in_distribution: BatchNorm statistics and heads from augmented photo crops; calibrated on
+its calib/ crops, judged on its other images/ crops) unless a test says otherwise.
+"""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import levit_deploy as ld
+from conftest import SHARED_CHECKPOINT
+from levit_deploy.cli import app
+from levit_deploy.parity import compare_outputs
+from levit_deploy.quantize import fit_to_gate, sensitivity
+
+runner = CliRunner()
+IN_DISTRIBUTION = SHARED_CHECKPOINT.parent / "in_distribution"
+#: what the search chose for ORT on the in-distribution yardstick (levit-deploy export ... --to onnx --precision
+#: int8 --calib calib --images images): 8 of 47 layers, after 0, 1, 2 and 4 failed
+ORT_RECIPE = ("head.linear,stages.4.proj,stages.4.kv,stages.12.kv,stages.12.proj,stages.0.inner.qkv,"
+              "stages.2.inner.qkv,stages.0.inner.proj")
+
+
+class Outlier(nn.Module):
+    """Three linears; the input of ``b`` has one channel 300x larger than the rest (an activation outlier), which
+    per-tensor uint8 quantization of that input cannot resolve."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        for layer in (self.a, self.b, self.c):
+            layer.weight.data = torch.randn(layer.weight.shape, generator=g) / 4
+        self.b.weight.data[:, 3] /= 300  # b's output stays of ordinary size: only b's input has the outlier
+        self.register_buffer("boost", torch.ones(32))
+        self.boost[3] = 300.0
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.flatten(1)[:, :16])) * self.boost
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_sensitivity_ranks_the_layer_behind_an_activation_outlier_first():
+    inputs = np.random.default_rng(0).standard_normal((24, 16, 1, 1)).astype(np.float32)
+    scores = sensitivity(Outlier().eval(), inputs, ["a", "b", "c"])
+    assert max(scores, key=scores.get) == "b"
+    assert scores["b"] > 10 * scores["a"] and scores["b"] > 10 * scores["c"]
+
+
+def test_the_search_keeps_the_most_sensitive_layers_until_the_gate_passes():
+    """The search grows the float set 1, 2, … most sensitive first and stops at the first pass; with a gate that
+    nothing passes it stops at the cap and reports every attempt."""
+    inputs = np.random.default_rng(1).standard_normal((24, 16, 1, 1)).astype(np.float32)
+    model = Outlier().eval()
+
+    class Report:
+        def __init__(self, passed):
+            self.passed, self.worst_margin, self.per_input = passed, 0.5 if passed else 2.0, []
+
+    tried = []
+
+    def attempt(keep):
+        tried.append(keep)
+        return keep, Report("b" in keep and len(keep) >= 2), ["a", "b", "c", "d"]
+
+    model.d = nn.Linear(1, 1)  # a fourth quantizable layer, never reached
+    outcome = fit_to_gate(attempt, model, inputs, max_fraction=0.5)
+    assert tried[0] == () and tried[1] == ("b",) and outcome.passed and len(outcome.keep_float) == 2
+    assert outcome.keep_float[0] == "b" and outcome.scores["d"] == 0.0 and outcome.describe()["keep_float"][0] == "b"
+    tried.clear()
+    stuck = fit_to_gate(lambda keep: (keep, Report(False), ["a", "b", "c", "d"]), model, inputs, max_fraction=0.5)
+    assert not stuck.passed and [len(a.keep_float) for a in stuck.attempts] == [0, 1, 2]
+    assert fit_to_gate(attempt, model, inputs, max_fraction=0).attempts[0].keep_float == ()
+
+
+def test_int8_rule_is_relative_to_the_models_own_bf16_floor():
+    """An image the model computes stably in bf16 (floor cosine 0.9999) holds int8 to cosine 0.99; one it cannot
+    (floor cosine 0.95) is excused down to 1 - 4·0.05; near-ties (a bf16 draw flips top-1) leave top-1 agreement."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 10)) * 3
+    ref[:, 0] += 10  # decisive: class 0 by a wide margin
+    noise = -np.abs(rng.standard_normal((4, 10)))
+    noise[:, 0] = 0  # lowers the other classes only: top-1 stays class 0 however large
+
+    def at_cosine(target):
+        """Each row moved along ``noise`` until its cosine to the reference is ``target``."""
+        rows = []
+        for r, n in zip(ref, noise):
+            scales = np.geomspace(1e-4, 1e3, 20000)
+            cands = r[None] + scales[:, None] * n[None]
+            cos = cands @ r / np.linalg.norm(cands, axis=1) / np.linalg.norm(r)
+            rows.append(cands[np.argmax(cos < target)])
+        return np.stack(rows)
+
+    floors = np.stack([ref + noise * 1e-4] * 5)
+    stable = compare_outputs(ref, at_cosine(0.985), "int8", floors=floors, kinds=["photos"] * 4)
+    assert not stable.passed and "below its bound" in stable.failures[0]
+    assert compare_outputs(ref, at_cosine(0.995), "int8", floors=floors, kinds=["photos"] * 4).passed
+    shaky = np.stack([at_cosine(0.95)] * 5)
+    assert compare_outputs(ref, at_cosine(0.90), "int8", floors=shaky, kinds=["photos"] * 4).passed
+    assert not compare_outputs(ref, at_cosine(0.70), "int8", floors=shaky, kinds=["photos"] * 4).passed
+    flipped = np.stack([ref[:, ::-1]] * 5)  # every draw flips top-1: no decisive image
+    r = compare_outputs(ref, ref, "int8", floors=flipped, kinds=["photos"] * 4)
+    assert not r.passed and "decisive" in r.failures[-1]
+
+
+@pytest.fixture(scope="module")
+def in_distribution():
+    if not (IN_DISTRIBUTION / "levit_128s_in_distribution.pth").is_file():
+        pytest.skip(f"{IN_DISTRIBUTION} is not present in this checkout")
+    return IN_DISTRIBUTION
+
+
+@pytest.fixture(scope="module")
+def ort_int8(in_distribution, tmp_path_factory):
+    """The in-distribution yardstick in ORT int8, replaying the searched recipe (one quantization, not five)."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("ort8") / "a"
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "onnx",
+                                 "--precision", "int8", "--calib", str(in_distribution / "calib"), "--images",
+                                 str(in_distribution / "images"), "-o", f"keep_float={ORT_RECIPE}", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "8 of 47 quantized layers kept in float: head.linear" in result.stdout
+    return out
+
+
+def test_in_distribution_int8_passes_with_its_recipe_recorded(ort_int8):
+    m = json.loads((ort_int8 / "manifest.json").read_text())
+    assert m["parity"]["status"] == "passed"
+    images = [r for r in m["parity"]["per_input"] if r["gating"]]
+    assert len(images) == 41 and all(r["passed"] for r in images)
+    recipe = m["export"]["calibration"]["recipe"]
+    assert recipe["keep_float"] == ORT_RECIPE.split(",") and recipe["quantized_layers"] == 47
+    assert len(m["export"]["calibration"]["layers"]) == 39
+
+
+def _double_one_activation_scale(folder):
+    """The dequantization scale of one activation in the middle of the network doubled (its QuantizeLinear keeps the
+    old one): that activation comes out twice too large, as a converter bug would make it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    activations = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits
+                   and numpy_helper.to_array(inits[n.input[1]]).size == 1]
+    node = activations[len(activations) // 2]
+    doubled = numpy_helper.from_array(numpy_helper.to_array(inits[node.input[1]]) * 2, node.input[1] + "_doubled")
+    model.graph.initializer.append(doubled)
+    node.input[1] = doubled.name
+    onnx.save(model, str(folder / "model.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifact"]["files"]["model.onnx"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_doubled_quantization_scale_is_refused(ort_int8, in_distribution, tmp_path):
+    broken = shutil.copytree(ort_int8, tmp_path / "broken")
+    _double_one_activation_scale(broken)
+    result = runner.invoke(app, ["parity", str(broken), "--images", str(in_distribution / "images")])
+    assert result.exit_code == 1, result.output
+    assert "[int8]" in result.output and "FAIL" in result.output
+
+
+@pytest.mark.slow  # one ORT int8 quantization (~45 s); `make test-all` runs it
+def test_calibrating_on_blank_images_is_refused(in_distribution, tmp_path):
+    from PIL import Image
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(20):
+        Image.new("RGB", (256, 256), (128 + i, 128, 128)).save(blank / f"{i}.png")
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "onnx",
+                                 "--precision", "int8", "--calib", str(blank), "--images",
+                                 str(in_distribution / "images"), "-o", "max_float_fraction=0", "--out",
+                                 str(tmp_path / "x")])
+    assert result.exit_code == 1, result.output
+    assert "below its bound" in result.output and not (tmp_path / "x" / "model.onnx").exists()
+
+
+@pytest.mark.slow  # a second ORT int8 quantization (~45 s)
+def test_the_same_recipe_gives_the_same_artifact(ort_int8, in_distribution, tmp_path):
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "onnx",
+                                 "--precision", "int8", "--calib", str(in_distribution / "calib"), "--images",
+                                 str(in_distribution / "images"), "-o", f"keep_float={ORT_RECIPE}", "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    assert (again / "model.onnx").read_bytes() == (ort_int8 / "model.onnx").read_bytes()
+
+
+def test_a_recipe_naming_an_unknown_layer_is_one_line(tmp_path):
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--precision", "int8",
+                                 "-o", "keep_float=stages.99.nope", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "keep_float names stages.99.nope, not among the 47 quantizable layers" in result.output
+
+
+def test_int8_options_are_refused_for_float_precisions(tmp_path):
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "-o",
+                                 "keep_float=head.linear", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "int8 options" in result.output
