@@ -9,7 +9,8 @@ model when that layer alone is quantized the way the int8 backends quantize it (
 weights, its input activation uint8 per-tensor with the MinMax range seen on the calibration images). It ranks
 the layers; the gate decides. When a plain int8 artifact fails, :func:`fit_to_gate` keeps the most sensitive
 layers in float in growing steps (1, 2, 4, … layers) until the gate passes or the cap (default 25 % of the
-quantized layers) is reached, and says what it tried.
+quantized layers) is reached, bisects between the last failing and the first passing step for the fewest, and says
+what it tried.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
 
     ``attempt(keep_float)`` writes and gates an artifact and returns (result, report, quantized layer paths).
     The plain artifact first; if it fails, layers ranked by :func:`sensitivity` are kept in float in steps of
-    1, 2, 4, … up to ``max_fraction`` of the quantized layers. Returns the first passing attempt, or the last.
+    1, 2, 4, … up to ``max_fraction`` of the quantized layers, then bisected between the last failing and the first
+    passing step. Returns the passing attempt with the fewest layers in float, or the last attempt.
     """
     result, report, quantized = attempt(())
     outcome = Outcome(result, (), quantized, [_attempt((), report)], passed=report.passed)
@@ -110,14 +112,30 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
              f"layers on {min(len(calibration_inputs), SENSITIVITY_IMAGES)} calibration images …")
     outcome.scores = sensitivity(model, calibration_inputs[:SENSITIVITY_IMAGES], quantized)
     ranked = sorted(quantized, key=lambda name: -outcome.scores[name])
-    for k in _steps(cap):
+
+    def keep_most_sensitive(k: int) -> bool:
         keep = tuple(ranked[:k])
         progress(f"int8 with the {k} most sensitive layer(s) in float: {', '.join(keep[:3])}{', …' if k > 3 else ''}")
         result, report, _ = attempt(keep)
         outcome.attempts.append(_attempt(keep, report))
-        outcome.result, outcome.keep_float, outcome.passed = result, keep, report.passed
-        if report.passed:
+        if report.passed or not outcome.passed:  # the last attempt, until one passes; then the smallest passing
+            outcome.result, outcome.keep_float, outcome.passed = result, keep, report.passed
+        return report.passed
+
+    failing = 0
+    for k in _steps(cap):
+        if keep_most_sensitive(k):
             break
+        failing = k
+    else:
+        return outcome
+    passing = len(outcome.keep_float)
+    while passing - failing > 1:  # the first passing step may keep more than needed: bisect down to the fewest
+        middle = (passing + failing) // 2
+        if keep_most_sensitive(middle):
+            passing = middle
+        else:
+            failing = middle
     return outcome
 
 

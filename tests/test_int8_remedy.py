@@ -76,9 +76,25 @@ def test_the_search_keeps_the_most_sensitive_layers_until_the_gate_passes():
     assert tried[0] == () and tried[1] == ("b",) and outcome.passed and len(outcome.keep_float) == 2
     assert outcome.keep_float[0] == "b" and outcome.scores["d"] == 0.0 and outcome.describe()["keep_float"][0] == "b"
     tried.clear()
+    many = [f"l{i}" for i in range(20)]  # 20 layers, the gate passes from 3 kept on: steps 1, 2, 4, then 3 by bisection
+    bisected = fit_to_gate(lambda keep: (keep, Report(len(keep) >= 3), many), _scored(many), inputs, max_fraction=0.5)
+    assert [len(a.keep_float) for a in bisected.attempts] == [0, 1, 2, 4, 3] and len(bisected.keep_float) == 3
     stuck = fit_to_gate(lambda keep: (keep, Report(False), ["a", "b", "c", "d"]), model, inputs, max_fraction=0.5)
     assert not stuck.passed and [len(a.keep_float) for a in stuck.attempts] == [0, 1, 2]
     assert fit_to_gate(attempt, model, inputs, max_fraction=0).attempts[0].keep_float == ()
+
+
+def _scored(names):
+    """A model whose Linear layers carry ``names`` and all see the input (for the search's sensitivity pass)."""
+    class Parallel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in names:
+                setattr(self, name, nn.Linear(16, 2))
+
+        def forward(self, x):
+            return sum(getattr(self, n)(x.flatten(1)) for n in names)
+    return Parallel().eval()
 
 
 def test_int8_rule_is_relative_to_the_models_own_bf16_floor():
@@ -207,3 +223,18 @@ def test_int8_options_are_refused_for_float_precisions(tmp_path):
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "-o",
                                  "keep_float=head.linear", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "int8 options" in result.output
+
+
+@pytest.mark.slow  # the full search on OpenVINO (~5 minutes on 2 cores); `make test-all` runs it
+def test_openvino_int8_of_the_in_distribution_yardstick_passes_by_keeping_a_few_layers_in_float(in_distribution,
+                                                                                               tmp_path):
+    pytest.importorskip("nncf")
+    out = tmp_path / "ov8"
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "openvino",
+                                 "--precision", "int8", "--calib", str(in_distribution / "calib"), "--images",
+                                 str(in_distribution / "images"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / "manifest.json").read_text())["export"]["calibration"]["recipe"]
+    assert recipe["attempts"][0]["keep_float"] == [] and not recipe["attempts"][0]["passed"]
+    assert 0 < len(recipe["keep_float"]) <= 0.25 * recipe["quantized_layers"]
+    assert f"{len(recipe['keep_float'])} of {recipe['quantized_layers']} quantized layers kept in float" in result.stdout
