@@ -4,7 +4,10 @@ folder per session, except for the ARM64 sysroot, which persists between runs (`
 $LEVIT_DEPLOY_TEST_CACHE); a test about caching itself takes the per-test ``fresh_cache``."""
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -176,6 +179,23 @@ def artifacts(tmp_path_factory):
 def artifact_128s(artifacts):
     """artifact_128s(target): the trained-like LeViT-128S exported to ``target`` (see ``artifacts``)."""
     return lambda target: artifacts("levit_128s", target)
+
+
+def run_measured(cmd, timeout: float, **popen) -> tuple[int, str, str, int]:
+    """(exit code, stdout, stderr, peak RSS in KiB) of a child process. The peak is that child's own (wait4):
+    RUSAGE_CHILDREN would give the largest child this test process ever had. Killed after ``timeout`` s (exit -9)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **popen)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss
 
 
 def copy_artifact(artifact, folder: Path) -> Path:

@@ -29,12 +29,14 @@ def test_registry_answers_what_exists_what_runs_here_and_what_a_target_takes():
     onnx = get_backend("onnx")
     assert onnx.parse_options({"opset": "17", "simplify": "false"}) == onnx.options(opset=17, simplify=False)
     assert get_backend("coreml").parse_options({"image_input": "yes"}).image_input is True
-    with pytest.raises(ExportError, match="image_input: not an option of the onnx target; it takes opset, simplify"):
+    with pytest.raises(ExportError, match="image_input: not an option of the onnx target; it takes keep_float, max_float_fraction, opset, simplify"):
         onnx.parse_options({"image_input": "true"})
     with pytest.raises(ExportError, match="'seventeen' is not an integer"):
         onnx.parse_options({"opset": "seventeen"})
-    with pytest.raises(ExportError, match="the openvino target takes no options"):
+    with pytest.raises(ExportError, match="opset: not an option of the openvino target; it takes keep_float, "
+                                          "max_float_fraction"):
         get_backend("openvino").parse_options({"opset": 17})
+    assert get_backend("openvino").parse_options({"max_float_fraction": "0.1"}).max_float_fraction == 0.1
     with pytest.raises(ExportError, match="unknown export target 'tflite'"):
         get_backend("tflite")
 
@@ -45,7 +47,7 @@ def test_an_option_the_target_does_not_take_is_refused_not_dropped(tmp_path):
         ld.export(model, "onnx", tmp_path / "a", max_batch=8)
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "openvino", "-o", "opset=17",
                                  "--out", str(tmp_path / "b")])
-    assert result.exit_code == 2 and "the openvino target takes no options" in result.output
+    assert result.exit_code == 2 and "opset: not an option of the openvino target" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "b").exists()
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "-o", "opset"])
     assert result.exit_code == 2 and "--option takes KEY=VALUE" in result.output

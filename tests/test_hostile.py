@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import copy_artifact
+from conftest import copy_artifact, run_measured
 from levit_deploy.artifacts import MANIFEST_NAME, export_lock
 from levit_deploy.cli import app
 from levit_deploy.preprocess import bundled_photos
@@ -267,13 +266,11 @@ def test_predict_memory_stays_bounded_on_the_hostile_set(tmp_path, artifact_128s
     write_hostile_images(tmp_path / "imgs")
     cmd = [sys.executable, "-m", "levit_deploy.cli", "predict", str(tmp_path / "imgs"), "--model",
            str(artifact_128s("onnx").folder), "--json"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    print(f"predict over the hostile set: peak RSS {peak_mb:.0f} MB (children before: {before / 1024:.0f} MB)")
+    code, _, err, peak_kib = run_measured(cmd, 300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak_mb = peak_kib / 1024
+    assert code == 1, err
+    assert "Traceback" not in err
+    print(f"predict over the hostile set: peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 2500, f"predict took {peak_mb:.0f} MB of RSS on the hostile set (a 20000x1 strip took 5.6 GB)"
 
 
