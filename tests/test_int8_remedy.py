@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from conftest import SHARED_CHECKPOINT
 from levit_deploy.cli import app
+from levit_deploy.families import spec_for_model
 from levit_deploy.parity import compare_outputs
 from levit_deploy.quantize import fit_to_gate, sensitivity
 
@@ -238,3 +239,24 @@ def test_openvino_int8_of_the_in_distribution_yardstick_passes_by_keeping_a_few_
     assert recipe["attempts"][0]["keep_float"] == [] and not recipe["attempts"][0]["passed"]
     assert 0 < len(recipe["keep_float"]) <= 0.25 * recipe["quantized_layers"]
     assert f"{len(recipe['keep_float'])} of {recipe['quantized_layers']} quantized layers kept in float" in result.stdout
+
+
+def test_an_executorch_recipe_keeps_its_layers_in_float():
+    """XNNPACK's quantizer skips the recipe's modules: their linears take a float weight (no dequantize before it),
+    every other linear an int8 one, and the recipe's layers are not reported as quantized."""
+    pytest.importorskip("executorch")
+    from levit_deploy.backends.executorch import ExecutorchOptions, quantize_pt2e
+    from levit_deploy.calibration import calibration_set
+
+    model = ld.fuse(ld.load("levit_128s", init="random"))
+    calibration = calibration_set(spec_for_model(model), None, limit=4)
+    keep = ("head.linear", "stages.4.q")
+    graph, quant = quantize_pt2e(model, calibration, ExecutorchOptions(), 16, keep_float=keep)
+    weights = {}
+    for node in graph.graph.nodes:
+        if node.target == torch.ops.aten.linear.default:
+            path = list(node.meta["nn_module_stack"].values())[-1][0]
+            weights[path] = "dequantize" in str(node.args[1].target)
+    assert not weights["head.linear"] and not weights["stages.4.q"]
+    assert sum(weights.values()) == len(weights) - 2 and len(weights) > 30
+    assert set(quant["layers"]) == set(weights) - set(keep)

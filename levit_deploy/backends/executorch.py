@@ -123,8 +123,9 @@ def _export(model: torch.nn.Module, example: torch.Tensor, dynamic: bool, max_ba
 def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOptions,
                   largest_batch: int, keep_float=()) -> tuple[torch.nn.Module, dict]:
     """PT2E with XNNPACK's quantizer: observers inserted, the calibration images run at batch 1, then the
-    quantize/dequantize pairs XNNPACK fuses into int8 kernels. ``keep_float``: module paths the quantizer skips
-    (``set_module_name(path, None)``)."""
+    quantize/dequantize pairs XNNPACK fuses into int8 kernels. ``keep_float``: module paths the quantizer skips,
+    through its filter function on each node's ``nn_module_stack`` (this version refuses ``set_module_name(path,
+    None)``: "quantization_config == None is not supported yet")."""
     require("torchao", "ExecuTorch int8 export", "executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
@@ -140,8 +141,8 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
     kinds = (torch.nn.Linear, torch.nn.Conv2d) if options.quantize_convs else (torch.nn.Linear,)
     layers = [name for name, m in model.named_modules() if isinstance(m, kinds)]
     check_recipe(keep_float, layers)
-    for name in keep_float:
-        quantizer.set_module_name(name, None)
+    if keep_float:
+        quantizer.set_filter_function(_outside(set(keep_float)))
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for x in calibration.inputs:
@@ -156,6 +157,13 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
         "ignored_scope": ("" if options.quantize_convs else "convolutions, ") + "residual adds, attention's "
                          "activation-by-activation matmuls, softmax, hardswish/GELU and normalisation stay fp32",
         "calibration_batch": 1}
+
+
+def _outside(keep_float: set[str]):
+    """A quantizer filter: True for graph nodes that belong to none of the ``keep_float`` modules."""
+    def quantize(node) -> bool:
+        return not any(path in keep_float for path, _ in node.meta.get("nn_module_stack", {}).values())
+    return quantize
 
 
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
