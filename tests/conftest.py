@@ -6,8 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -181,21 +179,29 @@ def artifact_128s(artifacts):
     return lambda target: artifacts("levit_128s", target)
 
 
-def run_measured(cmd, timeout: float, **popen) -> tuple[int, str, str, int]:
-    """(exit code, stdout, stderr, peak RSS in KiB) of a child process. The peak is that child's own (wait4):
-    RUSAGE_CHILDREN would give the largest child this test process ever had. Killed after ``timeout`` s (exit -9)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **popen)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss
+_MEASURED_CLI = """
+import atexit, resource, runpy, sys
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\\nPEAK_KIB " + line.split()[1] + "\\n")
+atexit.register(peak)
+sys.argv = ["levit-deploy", *sys.argv[2:]]
+runpy.run_module("levit_deploy.cli", run_name="__main__")
+"""
+
+
+def run_measured(args, timeout: float, address_space: int = 0, **popen) -> tuple[int, str, str, int]:
+    """(exit code, stdout, stderr, peak RSS in KiB) of ``levit-deploy ARGS`` in a child process. The peak is the
+    child's own VmHWM, read by the child at exit: getrusage/wait4 would report the forking test process's RSS too
+    (Linux keeps the old memory's high-water mark across exec). ``address_space``: an RLIMIT_AS cap in bytes."""
+    cmd = [sys.executable, "-c", _MEASURED_CLI, str(address_space), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **popen)
+    err, _, peak = proc.stderr.rpartition("\nPEAK_KIB ")
+    return proc.returncode, proc.stdout, err, int(peak.strip() or 0)
 
 
 def copy_artifact(artifact, folder: Path) -> Path:
