@@ -66,7 +66,8 @@ def one_line_refusal(result, code: int, *words: str) -> str:
     """The CLI result's stderr: exactly one 'error:' line containing ``words``, exit ``code``, no traceback."""
     err = result.stderr.strip()
     assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     for word in words:
