@@ -212,7 +212,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
     from .artifacts import is_artifact, load_source, read_manifest
     from .export import cached_export
     from .checkpoints import load
-    from .parity import build_reference_set, compare_outputs
+    from .parity import build_reference_set, judge
 
     if arch not in ("arm64", "aarch64"):
         raise Arm64Error(f"--arch {arch!r} is not supported; the ARM target is arm64")
@@ -251,9 +251,7 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
             logits, report = run_worker(model_file, reference.inputs, presets, emulator,
                                         duration if native else 0.0, batch)
             precision = presets.parity_precision
-            parity = compare_outputs(reference.outputs, logits, precision, f"aarch64 {runtime}",
-                                     reference.floors(precision), reference.kinds, reference.names,
-                                     reference.describe())
+            parity = judge(reference, logits, precision, f"aarch64 {runtime}")
             cpu = report["cpu"]
             if not native:
                 cpu["model"] = f"qemu-user aarch64 on {cpu_info()['model']}"

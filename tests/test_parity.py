@@ -162,3 +162,32 @@ def test_reference_set_on_the_shared_trained_like_checkpoint(shared_checkpoint):
     assert by_kind["noise"].max_floor_over_s > 1e-2  # ill-conditioned: the old 1e-4·s gate rejected everything
     assert by_kind["photos"].decided_by_tolerance >= 3  # and yet well-conditioned photos keep the gate strict
     assert not report.weak
+
+
+def test_an_input_failing_on_five_draws_gets_a_second_look_on_32_once_and_a_gross_error_still_fails():
+    from levit_deploy.parity import EXTRA_DRAWS, ReferenceSet, judge
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    ref = ReferenceSet.from_inputs(Tiny().eval(), x, ["a", "b", "c"], ["photos"] * 3)
+    five = ref.floors("fp32").copy()
+    plain = five[0]
+    bound = np.maximum(1e-4 * np.abs(ref.outputs).max(1), FLOOR_FACTOR * np.abs(five - ref.outputs[None]).max(2).max(0))
+    slightly_off, grossly_off = plain.copy(), plain.copy()
+    slightly_off[1, 0] = ref.outputs[1, 0] + 1.5 * bound[1]
+    grossly_off[1, 0] = ref.outputs[1, 0] + 100 * bound[1]
+    assert not compare_outputs(ref.outputs, slightly_off, "fp32", floors=five).passed  # the first look fails
+
+    report = judge(ref, slightly_off, "fp32")
+    widened = ref.floors("fp32")
+    assert widened.shape[0] == FLOOR_DRAWS + EXTRA_DRAWS
+    assert np.array_equal(widened[:FLOOR_DRAWS], five)  # the first five draws are kept
+    assert all(np.array_equal(widened[d, i], plain[i]) for d in range(FLOOR_DRAWS, len(widened)) for i in (0, 2))
+    assert not np.array_equal(widened[FLOOR_DRAWS:, 1], np.repeat(plain[1:2], EXTRA_DRAWS, 0))  # really drawn
+    assert any("second look: 1 input(s)" in n for n in report.notes)
+    assert report.passed == compare_outputs(ref.outputs, slightly_off, "fp32", floors=widened).passed
+
+    assert ref.widen_floors("fp32", [1]) == []  # drawn once per input and kept
+    gross = judge(ref, grossly_off, "fp32")
+    assert not gross.passed and gross.failures[0].startswith("b (photos)")
+    assert not any("second look" in n for n in gross.notes)  # nothing new to draw: the widened floor judged it
