@@ -24,7 +24,7 @@ from levit_deploy import bench
 from levit_deploy.checkpoints import load
 from levit_deploy.env import fingerprint
 from levit_deploy.families import all_variants, family_of
-from levit_deploy.parity import build_reference_set
+from levit_deploy.reference import build_reference_set
 
 PAPER_INTEL = {"levit_128s": 131.1, "levit_128": 94.0, "levit_192": 65.0, "levit_256": 42.5, "levit_384": 23.1}
 

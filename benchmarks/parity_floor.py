@@ -32,7 +32,8 @@ from levit_deploy.checkpoints import build_from_state_dict  # noqa: E402
 from levit_deploy.backends import get_backend  # noqa: E402
 from levit_deploy.export import ExportOptions  # noqa: E402
 from levit_deploy.fuse import fuse_checked  # noqa: E402
-from levit_deploy.parity import FLOOR_FACTOR, build_reference_set, compare_outputs, run_candidate  # noqa: E402
+from levit_deploy.parity import FLOOR_FACTOR, compare_outputs, run_candidate  # noqa: E402
+from levit_deploy.reference import build_reference_set
 
 SHARED = ROOT.parent / "shared" / "checkpoints" / "levit_128s_trained_like.pth"
 FACTORS = {"1 + 1e-6": 1 + 1e-6, "1.001": 1.001, "1.01": 1.01}

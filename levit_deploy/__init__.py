@@ -11,7 +11,8 @@ from .backends import open_runtime  # noqa: E402
 from .checkpoints import CheckpointError, load  # noqa: E402
 from .export import export  # noqa: E402
 from .fuse import fuse  # noqa: E402
-from .parity import ParityReport, ReferenceSet, build_reference_set, compare  # noqa: E402
+from .parity import ParityReport, compare  # noqa: E402
+from .reference import ReferenceSet, build_reference_set  # noqa: E402
 
 __all__ = ["load", "fuse", "export", "open_runtime", "compare", "build_reference_set", "ReferenceSet",
            "ParityReport", "CheckpointError", "__version__"]

@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from .checkpoints import resolve
 from .env import cache_dir, cpu_info
+from .export import cached_export
+from .fuse import fuse
+from .parity import judge
+from .reference import build_reference_set
 
 # Emulation pins onnxruntime: the 1.31.1 aarch64 wheel dies with SIGSEGV at import under Debian 12's
 # qemu-user 7.2 (seen here), while 1.24.4 imports and runs our artifacts (1.20-1.24 are reported to run).
@@ -188,10 +194,6 @@ def run_worker(model_file: Path, inputs: np.ndarray, presets: Presets, emulator:
 
 def _torch_program(model, folder: Path) -> Path:
     """The fused model as a torch.export program for the native torch worker."""
-    import torch
-
-    from .fuse import fuse
-
     path = folder / "model.pt2"
     if not path.exists():
         size = model.config.img_size
@@ -209,11 +211,6 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
     One reference set per model serves the export (when the cache has no artifact yet) and the
     aarch64 comparison alike.
     """
-    from .artifacts import is_artifact, load_source, read_manifest
-    from .export import cached_export
-    from .checkpoints import load
-    from .parity import build_reference_set, judge
-
     if arch not in ("arm64", "aarch64"):
         raise Arm64Error(f"--arch {arch!r} is not supported; the ARM target is arm64")
     unknown = set(runtimes) - {"ort", "torch"}
@@ -230,17 +227,14 @@ def bench_arm64(targets: list[str], arch: str = "arm64", weights=None, init: str
         emulator.setup(status)
     runs = []
     for target in targets:
-        path = Path(target)
-        if is_artifact(path):
-            manifest, _ = read_manifest(path)
-            if manifest["artifact"]["format"] != "onnx":
-                raise Arm64Error(f"{path}: a {manifest['artifact']['format']} artifact; --arch arm64 runs ONNX "
-                                 f"artifacts in onnxruntime")
-            model, folder = load_source(path), path
-            reference = build_reference_set(model, images=images)
-        else:
-            model = load(target, weights=weights, init=init, entry=entry)
-            reference = build_reference_set(model, images=images)
+        resolved = resolve(target, weights, init, entry)
+        if resolved.artifact is not None and resolved.manifest["artifact"]["format"] != "onnx":
+            raise Arm64Error(f"{target}: a {resolved.manifest['artifact']['format']} artifact; --arch arm64 runs "
+                             f"ONNX artifacts in onnxruntime")
+        model = resolved.model()
+        reference = build_reference_set(model, images=images)
+        folder = resolved.artifact
+        if folder is None:
             status(f"{model.config.name}: exporting (or reusing the cached ONNX artifact) …")
             folder = cached_export(model, "onnx", reference=reference)
         for runtime in runtimes:

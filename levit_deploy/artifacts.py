@@ -20,36 +20,20 @@ import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .env import file_mode, sha256_file
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, ManifestError, validate
 
-__all__ = ["Artifact", "StagedArtifact", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION", "is_artifact",
+__all__ = ["Artifact", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION", "is_artifact",
            "hash_tree", "export_lock", "staging", "publish", "read_manifest", "verify_artifact", "contained"]
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 FAILED_REPORT = "parity-failed-{target}.json"  # what a refused export leaves beside (or in place of) an artifact
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-
-
-@dataclass
-class StagedArtifact:
-    """What a backend wrote into the staging folder."""
-
-    file: str  # the main file or package folder, relative to the artifact folder
-    details: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    runtime_options: dict = field(default_factory=dict)  # recorded in the manifest, used on open
-    parity_pending: str | None = None  # why numeric parity cannot run here (e.g. CoreML off macOS)
-    extra_files: list[str] = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        return [self.file, *self.extra_files]
 
 
 @dataclass
@@ -153,11 +137,11 @@ def staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish(staged: StagedArtifact, folder: Path, out_dir: Path, manifest: dict) -> None:
-    """Make the staging ``folder`` the artifact (its files only, one mode, the manifest) and swap it in for
+def publish(files: list[str], folder: Path, out_dir: Path, manifest: dict) -> None:
+    """Make the staging ``folder`` the artifact (``files`` only, one mode, the manifest) and swap it in for
     ``out_dir`` in one rename; the previous content ends up in ``folder`` and goes with it."""
     mode = file_mode()
-    names = {PurePosixPath(n).parts[0] for n in staged.names}
+    names = {PurePosixPath(n).parts[0] for n in files}
     for entry in folder.iterdir():
         if entry.name not in names:  # converter scratch (an intermediate ONNX, ...)
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -263,21 +247,3 @@ def verify_artifact(manifest: dict, folder: Path, companions: tuple[str, ...] = 
         raise ManifestError(f"{folder / MANIFEST_NAME}: the runtime opens {what!r}, which the manifest does not "
                             f"hash; the artifact cannot be verified. Re-export it.")
     return main
-
-
-def load_source(folder: str | os.PathLike):
-    """The reference model an artifact was exported from, rebuilt from its manifest (the artifact is checked first:
-    a hostile or damaged one is refused before anything is loaded)."""
-    from .checkpoints import load
-
-    manifest, folder = read_manifest(folder)
-    verify_artifact(manifest, folder)
-    src = manifest.get("source", {})
-    variant = manifest["model"]["variant"]
-    if src.get("layout") == "none" and src.get("seed") is not None:
-        return load(variant, init="random", seed=src["seed"])
-    path = src.get("source")
-    if not path or not Path(path).exists():
-        raise ManifestError(f"{folder}: the source checkpoint {path!r} recorded in the manifest is not on this "
-                            f"machine; pass it as MODEL and the artifact with --artifact")
-    return load(path)

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
-from .env import fingerprint
-from .parity import ReferenceSet, compare, random_inputs
+from .artifacts import is_artifact
+from .backends import (RuntimeUnavailable, backends, by_runtime, installed_runtimes, module_runtime, open_artifact,
+                       open_runtime, runtimes as known_runtimes)
+from .checkpoints import resolve
+from .env import fingerprint, require
+from .export import export
+from .fuse import fuse, fuse_checked
+from .parity import compare
+from .reference import ReferenceSet, build_reference_set, random_inputs
 
 
 @dataclass
@@ -206,9 +214,6 @@ def build_cases(model, runtimes: list[str], protocol: Protocol, work_dir: Path |
                 reference: ReferenceSet | None = None) -> list[BenchCase]:
     """The standard line-up for a model: what users have (the unfused model in PyTorch), what a plain
     export gives (where a backend offers one), and ours in every asked-for runtime; or given artifacts."""
-    from .backends import backends, by_runtime, module_runtime, open_runtime
-    from .fuse import fuse_checked
-
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="levit-bench-"))
     t, dev, prec = protocol.threads, protocol.device, protocol.precision
     module_rt = module_runtime()
@@ -269,9 +274,6 @@ def _refuse(backend, precision: str):
 def _export_then_open(model, target: str, folder: Path, device: str, threads: int | None, precision: str = "fp32",
                       compute: str | None = None, reference: ReferenceSet | None = None):
     def opener():
-        from .backends import open_runtime
-        from .export import export
-
         if not (folder / "manifest.json").exists():
             export(model, target, folder, precision=precision, reference=reference)
         return open_runtime(folder, None, device, threads, **({"compute": compute} if compute else {}))
@@ -288,11 +290,6 @@ def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=Non
     images/s over batches 1, 2, 4, ... up to it, plotted into ``plot`` (one file per target, suffixed with
     the variant when there are several). Returns (documents, interrupted).
     """
-    from .artifacts import is_artifact, load_source
-    from .backends import installed_runtimes, open_artifact, runtimes as known_runtimes
-    from .checkpoints import load
-    from .parity import build_reference_set
-
     protocol = protocol or Protocol()
     runtimes = runtimes or installed_runtimes()
     unknown = sorted(set(runtimes) - set(known_runtimes()))
@@ -301,7 +298,7 @@ def run_bench(targets: list[str], runtimes: list[str] | None = None, weights=Non
     documents, interrupted = [], False
     for target in targets:
         artifacts = [open_artifact(target)[1]] if is_artifact(target) else []  # a bad artifact: one line, now
-        model = load_source(target) if artifacts else load(target, weights=weights, init=init, entry=entry)
+        model = resolve(target, weights, init, entry).model()
         protocol.img_size = model.config.img_size
         if protocol.device.startswith("cuda"):
             protocol.batch = largest_cuda_batch(model)
@@ -358,8 +355,6 @@ def format_table(results: list[BenchResult], models: list[str] | None = None) ->
 
 
 def plot_sweep(results: list[BenchResult], path: Path, title: str) -> None:
-    from .env import require
-
     plt = require("matplotlib.pyplot", "--plot", "plot")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -379,11 +374,6 @@ def plot_sweep(results: list[BenchResult], path: Path, title: str) -> None:
 
 def largest_cuda_batch(model, limit: int = 8192) -> int:
     """The paper's GPU protocol: the largest power-of-two batch whose fp16 forward fits in memory."""
-    import torch
-
-    from .backends import RuntimeUnavailable
-    from .fuse import fuse
-
     if not torch.cuda.is_available():
         raise RuntimeUnavailable("--device cuda: PyTorch sees no CUDA GPU on this machine")
     deploy = fuse(model, check=False).cuda().eval()

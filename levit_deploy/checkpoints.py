@@ -32,8 +32,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .artifacts import ManifestError, is_artifact, read_manifest, verify_artifact
 from .env import cache_dir, sha256_file
-from .families import CheckpointMismatch, Family, NotRecognised, all_variants, detect, resolve_variant
+from .families import CheckpointMismatch, Family, NotRecognised, all_variants, detect, family_of, resolve_variant
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth", "pytorch_model.pth")
 STATE_DICT_ENTRIES = ("model", "state_dict", "model_state_dict")  # where trainers keep the weights
@@ -724,8 +725,6 @@ def download_pretrained(family: Family, variant: str, progress: bool = True) -> 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Seeded random weights, normalisation statistics and affine terms for a model of any family."""
-    from .families import family_of
-
     return family_of(model).randomize_(model, seed)
 
 
@@ -775,3 +774,60 @@ def _load_path(path: Path, variant: str | None, num_classes: int | None, entry: 
     info.sha256, info.entry, info.entries = sha256_file(path), raw.entry, raw.entries
     info.notes = raw.notes + info.notes
     return model
+
+
+def load_source(folder: str | os.PathLike) -> nn.Module:
+    """The reference model an artifact was exported from, rebuilt from its manifest (the artifact is checked first:
+    a hostile or damaged one is refused before anything is loaded)."""
+    manifest, folder = read_manifest(folder)
+    verify_artifact(manifest, folder)
+    src = manifest.get("source", {})
+    variant = manifest["model"]["variant"]
+    if src.get("layout") == "none" and src.get("seed") is not None:
+        return load(variant, init="random", seed=src["seed"])
+    path = src.get("source")
+    if not path or not Path(path).exists():
+        raise ManifestError(f"{folder}: the source checkpoint {path!r} recorded in the manifest is not on this "
+                            f"machine; pass it as MODEL and the artifact with --artifact")
+    return load(path)
+
+
+@dataclass
+class Target:
+    """What a command was pointed at: an artifact folder (``artifact``, its manifest read and checked) or a
+    model (a variant name, checkpoint file or folder). ``model()`` is the reference model either way: the
+    artifact's source, or the model itself; loaded on first use and kept."""
+
+    name: str
+    artifact: Path | None
+    manifest: dict | None
+    _load: object = field(repr=False, default=None)
+    _model: nn.Module | None = field(repr=False, default=None)
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def source_key(self) -> str:
+        """What identifies the reference model: its checkpoint's resolved path, or the variant and seed of random
+        weights (two artifacts of one checkpoint share one reference)."""
+        if self.manifest is not None:
+            source, variant = self.manifest.get("source", {}), self.manifest["model"]["variant"]
+        else:
+            source, variant = self.model().load_info.to_dict(), self.model().config.name
+        if source.get("layout") == "none":
+            return f"{variant}, random weights seed {source.get('seed')}"
+        path = source.get("source") or variant
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def resolve(target: str | os.PathLike, weights: str | os.PathLike | None = None, init: str = "pretrained",
+            entry: str | None = None) -> Target:
+    """Decide once whether ``target`` is an artifact folder or a model; an artifact's manifest is read and every
+    file checked now, before any model is loaded."""
+    if is_artifact(target):
+        manifest, folder = read_manifest(target)
+        verify_artifact(manifest, folder)
+        return Target(os.fspath(target), folder, manifest, lambda: load_source(folder))
+    return Target(os.fspath(target), None, None, lambda: load(target, weights=weights, init=init, entry=entry))

@@ -18,16 +18,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (FAILED_REPORT, FORMAT_VERSION, Artifact, ManifestError, StagedArtifact, check_out_dir,
-                        export_lock, hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
+from .artifacts import (FAILED_REPORT, FORMAT_VERSION, Artifact, ManifestError, check_out_dir, export_lock,
+                        hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
 from .backends import get_backend
-from .backends.base import ExportError, RuntimeUnavailable, in_chunks
+from .backends.base import ExportError, InputSpec, RuntimeUnavailable, StagedArtifact, in_chunks
+from .calibration import calibration_set
 from .env import cache_dir, fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
-from .parity import ParityReport, ReferenceSet, build_reference_set, compare
+from .parity import ParityReport, compare
 from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate
+from .reference import ReferenceSet, build_reference_set
 
 __all__ = ["export", "cached_export", "ExportError", "ExportParityError", "ExportOptions"]
 
@@ -96,7 +98,6 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
         raise ExportError(f"keep_float and max_float_fraction are int8 options; {precision} takes neither")
     spec = spec_for_model(model)
     if precision == "int8" and calibration is None:  # (the CLI builds it first, to say what it calibrates on)
-        from .calibration import calibration_set
         calibration = calibration_set(spec, calib)
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
     with export_lock(Path(out_dir)) as out:
@@ -161,7 +162,7 @@ def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOpt
                 raise ExportParityError(report, failed)
         manifest = _manifest(model, backend, opts, staged, files, sum((folder / f).stat().st_size for f in files),
                              fusion.reports, spec, parity, choices)
-        publish(staged, folder, out_dir, manifest)
+        publish(staged.names, folder, out_dir, manifest)
     return Artifact(out_dir, out_dir / staged.file, manifest)
 
 
@@ -215,8 +216,6 @@ def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -
 def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, reference: ReferenceSet
           ) -> ParityReport:
     """The staged artifact in its runtime, judged against the reference set."""
-    from .backends.base import InputSpec
-
     fixed = None if opts.batch == "dynamic" else int(opts.batch)
     runtime = backend.runtime_class(str(folder / staged.file), device="cpu", threads=None, precision=opts.precision,
                                     input_spec=InputSpec(batch=fixed), **staged.runtime_options)

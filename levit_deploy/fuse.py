@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .parity import ParityReport, ReferenceSet, build_reference_set, compare
+from .parity import ParityReport, compare
+from .reference import ReferenceSet, build_reference_set
 
 
 class FusionError(RuntimeError):

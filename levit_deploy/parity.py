@@ -30,22 +30,18 @@ stably gains little from them, so a real bug still fails there.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .reference import EXTRA_DRAWS, FLOOR_DRAWS, IMAGE_KINDS, ReferenceSet, floor_draws, run_module
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FLOOR_FACTOR = 4  # K
 INT8_FLOOR_FACTOR = 4  # K8: int8's cosine slack per unit of the model's own bf16 cosine loss (measured, see RULES)
 MIN_DECISIVE = 0.5  # int8: at least this fraction of the images must be decisive, or top-1 cannot be judged
-FLOOR_DRAWS = 5  # the plain evaluation plus four perturbed ones
-EXTRA_DRAWS = 27  # the second look: an input that fails on the five-draw floor is judged on 32 draws
-UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-IMAGE_KINDS = ("photos", "synthetic", "user images")  # decoded images; noise is the other kind
 
 
 @dataclass(frozen=True)
@@ -69,121 +65,6 @@ RULES = {
     "bf16": Rule(2e-2, 0.999, None),
     "int8": Rule(None, 0.99, 0.95, floor_precision="bf16", factor=INT8_FLOOR_FACTOR, images_only=True),
 }
-
-
-def random_inputs(n: int = 16, seed: int = 0, size: int = 224) -> np.ndarray:
-    """Seeded N(0, 1) tensors: the range of ImageNet-normalised pixels, but nothing like a photo."""
-    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
-
-
-@torch.no_grad()
-def run_module(module: torch.nn.Module, inputs: np.ndarray, batch: int = 16, dtype: torch.dtype = torch.float32,
-               autocast: torch.dtype | None = None) -> np.ndarray:
-    """float64 outputs of ``module`` on ``inputs``, fed in ``dtype``, optionally under CPU autocast."""
-    outs = []
-    for i in range(0, len(inputs), batch):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch])).to(dtype)
-        if autocast is not None:
-            with torch.autocast("cpu", dtype=autocast):
-                outs.append(module(x).double().numpy())
-        else:
-            outs.append(module(x).double().numpy())
-    return np.concatenate(outs)
-
-
-def reference_outputs(model: torch.nn.Module, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Outputs of a copy of ``model`` in float64 on the CPU: the ground truth for every comparison."""
-    ref = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
-    return run_module(ref, inputs, batch, dtype=torch.float64)
-
-
-@torch.no_grad()
-def floor_draws(model: torch.nn.Module, inputs: np.ndarray, precision: str, draws: int = FLOOR_DRAWS,
-                seed: int = 0) -> np.ndarray:
-    """[draws, N, classes]: the unfused model evaluated in ``precision`` as it could equally have been.
-
-    Draw 0 is the plain evaluation; the others perturb every floating-point weight and buffer by a
-    seeded random relative amount of at most the precision's unit roundoff, which is how much folding
-    or another converter's rounding may move them.
-    """
-    base = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    auto = AUTOCAST.get(precision)
-    u = UNIT_ROUNDOFF[precision]
-    out = [run_module(base, inputs, autocast=auto)]
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(draws - 1):
-        m = copy.deepcopy(base)
-        for t in [*m.parameters(), *m.buffers()]:
-            if t.is_floating_point():
-                t.mul_(1 + (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(t.dtype) * u)
-        out.append(run_module(m, inputs, autocast=auto))
-    return np.stack(out)
-
-
-@dataclass
-class ReferenceSet:
-    """Parity inputs with their fp64 outputs, built once and shared by every check of one model.
-
-    ``kinds[i]`` is "photos" (the bundled real photographs), "noise", "synthetic" (procedural JPEGs) or
-    "user images"; ``names[i]`` identifies the input. Floors are computed on first use per precision.
-    """
-
-    inputs: np.ndarray
-    names: list[str]
-    kinds: list[str]
-    outputs: np.ndarray
-    model: torch.nn.Module | None = None
-    _floors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    _widened: dict[str, set[int]] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_inputs(cls, model: torch.nn.Module, inputs: np.ndarray, names: Sequence[str],
-                    kinds: Sequence[str]) -> "ReferenceSet":
-        if not (len(inputs) == len(names) == len(kinds)):
-            raise ValueError("inputs, names and kinds must have the same length")
-        return cls(np.ascontiguousarray(inputs, dtype=np.float32), list(names), list(kinds),
-                   reference_outputs(model, inputs), model)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def floors(self, precision: str) -> np.ndarray:
-        """The floor draws for ``precision`` ([draws, N, classes]); needs the model the set was built from."""
-        if precision not in self._floors:
-            if self.model is None:
-                raise ValueError("this reference set has no model to compute floors from")
-            self._floors[precision] = floor_draws(self.model, self.inputs, precision)
-        return self._floors[precision]
-
-    def widen_floors(self, precision: str, index: Sequence[int]) -> list[int]:
-        """The second look: EXTRA_DRAWS more floor draws for the inputs in ``index`` (each input once per
-        precision; the other inputs repeat their plain draw, which changes none of their statistics).
-        Returns the inputs newly widened."""
-        done = self._widened.setdefault(precision, set())
-        new = sorted(set(int(i) for i in index) - done)
-        if not new or self.model is None:
-            return []
-        floors = self.floors(precision)
-        if len(floors) == FLOOR_DRAWS:
-            floors = np.concatenate([floors, np.repeat(floors[:1], EXTRA_DRAWS, axis=0)])
-        extra = floor_draws(self.model, self.inputs[new], precision, draws=EXTRA_DRAWS + 1, seed=1)[1:]
-        floors[FLOOR_DRAWS:, new] = extra
-        self._floors[precision] = floors
-        done.update(new)
-        return new
-
-    def subset(self, index: Sequence[int] | slice) -> "ReferenceSet":
-        idx = np.arange(len(self))[index]
-        position = {int(i): j for j, i in enumerate(idx)}
-        return ReferenceSet(self.inputs[idx], [self.names[i] for i in idx], [self.kinds[i] for i in idx],
-                            self.outputs[idx], self.model, {p: f[:, idx] for p, f in self._floors.items()},
-                            {p: {position[i] for i in w if i in position} for p, w in self._widened.items()})
-
-    def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for k in self.kinds:
-            counts[k] = counts.get(k, 0) + 1
-        return " + ".join(f"{n} {k}" for k, n in counts.items())
 
 
 @dataclass
@@ -470,14 +351,3 @@ def _conditioning_note(reference: ReferenceSet) -> str:
             f"and top-1 agreement {agree:.0%} on these images; when that is far from the int8 bound, the checkpoint "
             f"amplifies rounding too much for any 8-bit format and fp32 (or fp16 with its floor-relative rule) is "
             f"the way to deploy it")
-
-
-def build_reference_set(model: torch.nn.Module, spec=None, images=(), photos: bool = True, noise: int = 4,
-                        synthetic: int = 4, seed: int = 0) -> ReferenceSet:
-    """The default reference set of a model: the bundled photos, noise and synthetic JPEGs decoded with
-    ``spec`` (the checkpoint's own eval transform), plus every image under ``images``."""
-    from .families import spec_for_model
-    from .preprocess import parity_inputs
-
-    inputs, names, kinds = parity_inputs(spec or spec_for_model(model), photos, noise, synthetic, images, seed)
-    return ReferenceSet.from_inputs(model, inputs, names, kinds)

@@ -7,24 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import is_artifact, load_source
+from .artifacts import is_artifact
 from .backends import open_artifact, open_runtime
-from .checkpoints import load
+from .checkpoints import resolve
 from .fuse import FusionError, fuse_checked
-from .parity import ParityReport, build_reference_set, compare
+from .parity import ParityReport, compare
+from .reference import build_reference_set
 
 
 def run_chain(model: str, weights=None, init: str = "pretrained", artifacts=(), images: Path | None = None,
               noise: int = 4, synthetic: int = 4, entry: str | None = None) -> list[ParityReport]:
     artifacts = [Path(a) for a in artifacts]
-    for path in filter(is_artifact, artifacts):
+    for path in filter(is_artifact, [model, *artifacts]):
         open_artifact(path)  # a bad artifact is one line before any work
-    if is_artifact(model):
-        open_artifact(model)
-        ref = load_source(Path(model))
-        artifacts.insert(0, Path(model))
-    else:
-        ref = load(model, weights=weights, init=init, entry=entry)
+    target = resolve(model, weights, init, entry)
+    if target.artifact is not None:
+        artifacts.insert(0, target.artifact)
+    ref = target.model()
     reference = build_reference_set(ref, images=[images] if images else (), noise=noise, synthetic=synthetic)
     reports = [compare(reference, ref, "fp32", stage="reference fp32 (unfused)")]
     try:

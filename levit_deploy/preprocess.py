@@ -255,39 +255,3 @@ def expand_inputs(paths: Iterable[str | Path]) -> Iterator[Path]:
                         yield Path(root) / name
         else:
             yield p  # a missing or unreadable path becomes an error record downstream
-
-
-def parity_inputs(spec: PreprocessSpec | None = None, photos: bool = True, noise: int = 4, synthetic: int = 4,
-                  images: Iterable[str | Path] = (), seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
-    """(inputs, names, kinds) for a reference set, every image decoded with ``spec``.
-
-    Kinds: "photos" (the bundled real photographs), "noise" (seeded N(0,1) tensors), "synthetic"
-    (procedural JPEGs) and "user images" (every image file under ``images``; a bad file is an error).
-    """
-    from .parity import random_inputs
-
-    spec = spec or IMAGENET_EVAL
-    arrays, names, kinds = [], [], []
-    if photos:
-        for p in bundled_photos():
-            arrays.append(transform(decode_image(p), spec))
-            names.append(p.name)
-            kinds.append("photos")
-    if noise:
-        arrays.extend(random_inputs(noise, seed, spec.crop))
-        names += [f"noise {i}" for i in range(noise)]
-        kinds += ["noise"] * noise
-    for i, data in enumerate(synthetic_jpegs(synthetic, seed) if synthetic else []):
-        arrays.append(transform(decode_image(data), spec))
-        names.append(f"synthetic {i}")
-        kinds.append("synthetic")
-    user = list(expand_inputs(images))
-    for p in user:
-        arrays.append(transform(decode_image(p), spec))
-        names.append(str(p))
-        kinds.append("user images")
-    if images and not user:
-        raise ImageError(f"{', '.join(map(str, images))}: no images found")
-    if not arrays:
-        raise ValueError("no parity inputs: enable photos, noise, synthetic images or pass images")
-    return np.stack(arrays).astype(np.float32), names, kinds

@@ -23,8 +23,11 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .artifacts import read_manifest, verify_artifact
 from .env import require
+from .predict import Predictor
 from .preprocess import DEFAULT_MAX_PIXELS
+from .ray_predict import connect, require_dynamic_batch
 
 MAX_BYTES = 20 * 1024 * 1024
 BODY_TIMEOUT_S = 10.0  # for the whole body: 20 MB at 2 MB/s; a slower client raises --body-timeout
@@ -38,8 +41,6 @@ class Classifier:
 
     def __init__(self, artifact: str, topk: int, threads: int, max_batch: int, batch_wait_ms: float, max_bytes: int,
                  body_timeout_s: float = BODY_TIMEOUT_S):
-        from .predict import Predictor
-
         self.predictor = Predictor(artifact, threads=threads)
         self.topk, self.max_bytes, self.body_timeout_s = topk, max_bytes, body_timeout_s
         self.batch_sizes: Counter = Counter()
@@ -106,10 +107,6 @@ def deployment(artifact, replicas: int = 1, max_batch: int = 16, batch_wait_ms: 
                max_queued: int = MAX_QUEUED):
     """The bound Ray Serve application for ``artifact`` (a folder with its manifest)."""
     serve = require("ray.serve", "serving", "ray")
-    from .artifacts import read_manifest, verify_artifact
-
-    from .ray_predict import require_dynamic_batch
-
     manifest, folder = read_manifest(Path(artifact).resolve())
     verify_artifact(manifest, folder)  # a bad artifact is one line here, before any replica starts
     require_dynamic_batch(manifest, "serve")
@@ -129,8 +126,6 @@ def start(artifact, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1
           batch_wait_ms: float = 10.0, topk: int = 5, threads: int = 1, max_bytes: int = MAX_BYTES,
           address: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S, max_queued: int = MAX_QUEUED) -> str:
     """Start (or join) Ray, run the application on ``host:port``; returns its URL. ``serve.delete(APP)`` stops it."""
-    from .ray_predict import connect
-
     app = deployment(artifact, replicas, max_batch, batch_wait_ms, topk, threads, max_bytes, body_timeout_s,
                      max_queued)
     connect(address, replicas)

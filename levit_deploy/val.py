@@ -19,6 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .artifacts import is_artifact
+from .backends import open_artifact, open_runtime
+from .checkpoints import resolve
+from .families import spec_for_model
 from .labels import imagenet_synsets
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, PreprocessSpec, decode_image, transform
 
@@ -187,11 +191,6 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
     A checkpoint (or variant name) is its own reference: its model in PyTorch fp32. An artifact runs in
     its runtime and its reference is its source checkpoint, rebuilt once however many artifacts share it.
     """
-    from .artifacts import is_artifact, load_source
-    from .backends import open_artifact, open_runtime
-    from .checkpoints import load
-    from .families import spec_for_model
-
     references: dict[str, Contender] = {}
     contenders = []
 
@@ -202,26 +201,17 @@ def contenders_for(models: Sequence[str], init: str = "pretrained", threads: int
                                         spec_for_model(model), key, "fp32")
 
     for name in models:
-        if is_artifact(Path(name)):
-            manifest, folder, _, _ = open_artifact(name)
-            key = _source_key(manifest.get("source", {}), manifest["model"]["variant"])
-            reference_for(key, lambda: load_source(folder))
-            precision = manifest["export"]["precision"]
-            contenders.append(Contender(
-                f"{manifest['model']['variant']} {manifest['artifact']['format']} {precision} ({folder})",
-                open_runtime(folder, threads=threads), PreprocessSpec.from_dict(manifest["preprocessing"]), key,
-                precision))
-        else:
-            model = load(name, init=init)
-            key = _source_key(model.load_info.to_dict(), model.config.name)
-            reference_for(key, lambda: model)
+        if is_artifact(name):
+            open_artifact(name)  # the format check (before the reference is loaded)
+        target = resolve(name, init=init)
+        key = target.source_key()
+        reference_for(key, target.model)
+        if target.artifact is None:
             contenders.append(references[key])
+            continue
+        manifest, precision = target.manifest, target.manifest["export"]["precision"]
+        contenders.append(Contender(
+            f"{manifest['model']['variant']} {manifest['artifact']['format']} {precision} ({target.artifact})",
+            open_runtime(target.artifact, threads=threads), PreprocessSpec.from_dict(manifest["preprocessing"]), key,
+            precision))
     return contenders, references
-
-
-def _source_key(source: dict, variant: str) -> str:
-    """What identifies a reference: the checkpoint's resolved path, or the variant and seed of random weights."""
-    if source.get("layout") == "none":
-        return f"{variant}, random weights seed {source.get('seed')}"
-    path = source.get("source") or variant
-    return str(Path(path).resolve()) if Path(path).exists() else path

@@ -89,7 +89,7 @@ LEAN_REFERENCE = {"litv2_b", "litv2_m", "lightvit_base"}
 def trained_like_reference(variant: str, seed: int = 0):
     """The default reference set of ``trained_like_model(variant, seed)``, floors included (a leaner one for the
     largest variants, see LEAN_REFERENCE)."""
-    from levit_deploy.parity import build_reference_set
+    from levit_deploy.reference import build_reference_set
 
     lean = dict(noise=1, synthetic=1) if variant in LEAN_REFERENCE else {}
     return build_reference_set(trained_like_model(variant, seed), **lean)

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 import levit_deploy as ld
 from levit_deploy import arm64
 from levit_deploy.cli import app
-from levit_deploy.parity import build_reference_set, compare_outputs
+from levit_deploy.parity import compare_outputs
+from levit_deploy.reference import build_reference_set
 
 runner = CliRunner()
 

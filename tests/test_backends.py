@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 import levit_deploy as ld
-from levit_deploy.artifacts import StagedArtifact
+from levit_deploy.backends.base import StagedArtifact
 from levit_deploy.backends import (Backend, ExportError, InputSpec, Runtime, backends, by_runtime, get_backend,
                                    installed_runtimes, open_runtime, targets)
 from levit_deploy.backends.onnx import OrtRuntime
 from levit_deploy.cli import app
-from levit_deploy.parity import build_reference_set
+from levit_deploy.reference import build_reference_set
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import levit_deploy as ld
 from levit_deploy import bench
 from levit_deploy.bench import BenchResult, format_table
 from levit_deploy.cli import app
-from levit_deploy.parity import build_reference_set
+from levit_deploy.reference import build_reference_set
 
 runner = CliRunner()
 FAST = ["--duration", "0.6", "--warmup", "0.2"]

@@ -15,7 +15,8 @@ from levit_deploy.artifacts import ManifestError
 from levit_deploy.backends import ExportError
 from levit_deploy.env import MissingDependency, sha256_file
 from levit_deploy.export import ExportParityError
-from levit_deploy.parity import build_reference_set, compare, random_inputs
+from levit_deploy.parity import compare
+from levit_deploy.reference import build_reference_set, random_inputs
 
 from conftest import copy_artifact, trained_like_checkpoint, trained_like_hf, trained_like_reference
 from layouts_ref import to_timm

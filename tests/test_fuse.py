@@ -12,7 +12,8 @@ from levit_deploy import fuse
 from levit_deploy.fuse import FusionError, fuse_checked
 from levit_deploy.families.levit import fusion as levit_fusion
 from levit_deploy.families.levit import model as levit_mod
-from levit_deploy.parity import ReferenceSet, build_reference_set, compare
+from levit_deploy.parity import compare
+from levit_deploy.reference import ReferenceSet, build_reference_set
 from trained_like import smooth_images
 from variants import LEVIT
 

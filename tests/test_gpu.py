@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 import levit_deploy as ld
 from levit_deploy.cli import app
-from levit_deploy.parity import build_reference_set, compare, random_inputs
+from levit_deploy.parity import compare
+from levit_deploy.reference import build_reference_set, random_inputs
 from levit_deploy.backends import RuntimeUnavailable
 
 runner = CliRunner()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from levit_deploy.parity import (FLOOR_DRAWS, FLOOR_FACTOR, build_reference_set, compare, compare_outputs,
-                                 floor_draws, run_module)
+from levit_deploy.parity import FLOOR_FACTOR, compare, compare_outputs, judge
+from levit_deploy.reference import EXTRA_DRAWS, FLOOR_DRAWS, ReferenceSet, build_reference_set, floor_draws, run_module
 
 
 def logits(n=8, k=10, seed=0):
@@ -165,8 +165,6 @@ def test_reference_set_on_the_shared_trained_like_checkpoint(shared_checkpoint):
 
 
 def test_an_input_failing_on_five_draws_gets_a_second_look_on_32_once_and_a_gross_error_still_fails():
-    from levit_deploy.parity import EXTRA_DRAWS, ReferenceSet, judge
-
     torch.manual_seed(0)
     x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
     ref = ReferenceSet.from_inputs(Tiny().eval(), x, ["a", "b", "c"], ["photos"] * 3)

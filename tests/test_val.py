@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from conftest import trained_like_file, trained_like_model
 from levit_deploy.cli import app
 from levit_deploy.families import spec_for_model
-from levit_deploy.parity import reference_outputs
+from levit_deploy.reference import reference_outputs
 from levit_deploy.preprocess import transform
 from levit_deploy.val import DatasetError, imagenet_synsets, read_dataset
 from real_photos import GATE_PHOTOS, OTHER_PHOTOS, photo_crops, skimage_photo

@@ -10,13 +10,29 @@ import dataclasses
 import importlib.util
 import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..env import require
+
+
+@dataclass
+class StagedArtifact:
+    """What a backend wrote into the staging folder: the contract of every ``write``."""
+
+    file: str  # the main file or package folder, relative to the artifact folder
+    details: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    runtime_options: dict = field(default_factory=dict)  # recorded in the manifest, used on open
+    parity_pending: str | None = None  # why numeric parity cannot run here (e.g. CoreML off macOS)
+    extra_files: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.file, *self.extra_files]
 
 
 class ExportError(RuntimeError):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import StagedArtifact
+from .base import StagedArtifact
 from ..labels import load_labels, unique_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backend, ExportError, Runtime, RuntimeUnavailable

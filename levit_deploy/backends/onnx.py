@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import StagedArtifact
+from .base import StagedArtifact
 from ..env import require
 from ..quantize import QuantOptions, check_recipe
 from .base import Backend, ExportError, Runtime, RuntimeUnavailable

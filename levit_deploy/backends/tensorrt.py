@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import StagedArtifact
+from .base import StagedArtifact
 from ..env import cache_dir, write_atomic
 from .base import Backend, ExportError, Runtime, RuntimeUnavailable
 from .onnx import OnnxOptions, write_onnx
