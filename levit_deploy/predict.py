@@ -18,7 +18,10 @@ from .checkpoints import load
 from .export import cached_export
 from .labels import load_labels
 from .families import family_of, get_family, spec_for_model
+from .fuse import fuse_checked
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, decode_image, transform
+from .reference import build_reference_set
+
 
 @dataclass
 class Prediction:
@@ -40,9 +43,6 @@ class Predictor:
         """``runtime``: any runtime of the registry (default: the first installed one with an exporter);
         ``preprocess``: one of the model family's named eval transforms, instead of the checkpoint's own;
         ``images``: a folder of the user's photos added to the parity inputs of the first export."""
-        from .fuse import fuse_checked
-        from .parity import build_reference_set
-
         path = Path(model)
         if is_artifact(path):
             manifest, _ = read_manifest(path)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .backends import open_artifact
 from .env import require
+from .predict import Predictor
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs
 
 COLUMNS = ("path", "ok", "error", "indices", "labels", "probs")
@@ -29,8 +31,6 @@ class PredictActor:
     """One runtime per actor, opened from the artifact; Ray calls it with batches of {"path", "bytes"}."""
 
     def __init__(self, artifact: str, topk: int, threads: int, max_pixels: int):
-        from .predict import Predictor
-
         self.predictor = Predictor(artifact, threads=threads)
         self.topk, self.max_pixels = topk, max_pixels
 
@@ -84,8 +84,6 @@ def predict_on_ray(artifact, sources: list[str], output, actors: int = 1, batch:
                    threads: int = 1, address: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Classify every image under ``sources`` on Ray with ``actors`` actors, writing Parquet into ``output``.
     Returns {"rows", "failed", "output"}. ``artifact`` must be readable at the same path on every worker."""
-    from .backends import open_artifact
-
     manifest, folder, _, _ = open_artifact(Path(artifact).resolve())  # here first: a bad artifact is one line before any worker starts
     require_dynamic_batch(manifest, "predict --ray")
     paths = ray_sources([str(s) for s in sources])
