@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 JOBS ?= 2
 XDIST := -n $(JOBS) --dist loadfile
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo lint test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(STAMP)
 # The main job: export LeViT-128S to ONNX and pass the parity gate (random weights: none are downloadable offline).
 demo: $(STAMP)
 	$(BIN)/levit-deploy export levit_128s --to onnx --init random --out out/levit_128s_onnx
+
+# The import layers of docs/design.md (pyproject.toml, [tool.importlinter]): no module imports from a layer above.
+lint: $(STAMP)
+	$(BIN)/lint-imports
 
 # The fast default run: each family's smallest and largest variant (the `slow` marker holds the rest).
 test: $(STAMP)
