@@ -52,7 +52,7 @@ def artifact_outputs(deploy, target: str, inputs: np.ndarray) -> np.ndarray:
     backend = get_backend(target)
     with tempfile.TemporaryDirectory() as tmp:
         staged = backend.write(deploy, Path(tmp), ExportOptions(target=backend.parse_options({})))
-        with backend.runtime_class(str(Path(tmp) / staged.file), threads=1) as rt:
+        with backend.runtime_class(str(Path(tmp) / staged.file)) as rt:
             return run_candidate(rt, inputs)
 
 

@@ -12,6 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
+from typing import Generic, TypeVar
 
 ISA_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8", "asimd", "neon", "sve", "sve2", "bf16", "i8mm", "asimddp")
@@ -32,6 +33,30 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
         top = module.split(".")[0]
         raise MissingDependency(f"{purpose} needs the '{top}' package ({e.msg}): "
                                 f"pip install 'levit-deploy[{extra or top}]'") from None
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Plug-ins of one kind (model families, backends): one module each under ``package``, whose ``attr`` is the
+    plug-in; imported on first use, kept in the order of ``modules``, keyed by their ``name``."""
+
+    def __init__(self, package: str, modules: tuple[str, ...], attr: str, kind: str,
+                 error: type[Exception] = KeyError):
+        self.package, self.modules, self.attr, self.kind, self.error = package, modules, attr, kind, error
+        self._entries: dict[str, T] | None = None
+
+    def all(self) -> dict[str, T]:
+        if self._entries is None:
+            found = [getattr(importlib.import_module(f"{self.package}.{m}"), self.attr) for m in self.modules]
+            self._entries = {entry.name: entry for entry in found}
+        return self._entries
+
+    def get(self, name: str) -> T:
+        if name not in self.all():
+            raise self.error(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.all())}")
+        return self.all()[name]
 
 
 def cache_dir() -> Path:

@@ -21,7 +21,7 @@ from . import __version__
 from .artifacts import (FAILED_REPORT, FORMAT_VERSION, Artifact, ManifestError, check_out_dir, export_lock,
                         hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
 from .backends import get_backend
-from .backends.base import ExportError, InputSpec, RuntimeUnavailable, StagedArtifact, in_chunks
+from .backends.base import ExportError, InputSpec, RuntimeConfig, RuntimeUnavailable, StagedArtifact, in_chunks
 from .calibration import calibration_set
 from .env import cache_dir, fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
@@ -217,8 +217,8 @@ def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, re
           ) -> ParityReport:
     """The staged artifact in its runtime, judged against the reference set."""
     fixed = None if opts.batch == "dynamic" else int(opts.batch)
-    runtime = backend.runtime_class(str(folder / staged.file), device="cpu", threads=None, precision=opts.precision,
-                                    input_spec=InputSpec(batch=fixed), **staged.runtime_options)
+    config = RuntimeConfig(device="cpu", threads=None, precision=opts.precision, input_spec=InputSpec(batch=fixed))
+    runtime = backend.runtime_class(str(folder / staged.file), config, **staged.runtime_options)
     try:
         runtime.activate()
     except (RuntimeUnavailable, ImportError):

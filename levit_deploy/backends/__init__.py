@@ -7,23 +7,21 @@ registry costs nothing beyond torch and numpy.
 """
 from __future__ import annotations
 
-import importlib
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..artifacts import MANIFEST_NAME, ManifestError, read_manifest, verify_artifact
-from .base import Backend, ExportError, InputSpec, Runtime, RuntimeUnavailable
+from ..env import Registry
+from .base import Backend, ExportError, InputSpec, Runtime, RuntimeConfig, RuntimeUnavailable
 
 MODULES = ("onnx", "openvino", "coreml", "tensorrt", "executorch", "pytorch")
+REGISTRY: Registry[Backend] = Registry(__name__, MODULES, "BACKEND", "backend")
 
 
-@lru_cache(maxsize=1)
 def backends() -> dict[str, Backend]:
     """name -> descriptor, in registry order."""
-    found = [importlib.import_module(f"{__name__}.{m}").BACKEND for m in MODULES]
-    return {b.name: b for b in found}
+    return REGISTRY.all()
 
 
 def get_backend(name: str) -> Backend:
@@ -89,9 +87,9 @@ def open_runtime(path_or_model, runtime: str | None = None, device: str = "cpu",
     if isinstance(path_or_model, torch.nn.Module):
         if runtime not in (None, module_runtime()):
             raise ValueError(f"a torch module runs on the {module_runtime()} runtime, not {runtime!r}; export it first")
-        size = path_or_model.config.img_size
-        return by_runtime(module_runtime()).runtime_class(path_or_model, device=device, threads=threads,
-                                                  input_spec=InputSpec(size=size), **options)
+        options.setdefault("input_spec", InputSpec(size=path_or_model.config.img_size))
+        config, own = RuntimeConfig.split({"device": device, "threads": threads, **options})
+        return by_runtime(module_runtime()).runtime_class(path_or_model, config, **own)
     path = Path(path_or_model)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such artifact")
@@ -114,9 +112,10 @@ def open_runtime(path_or_model, runtime: str | None = None, device: str = "cpu",
         backend = matches[0]
     if runtime not in (None, backend.runtime):
         raise ValueError(f"{file}: a {backend.name} artifact runs on {backend.runtime}, not {runtime!r}")
-    return backend.runtime_class(str(file), device=device, threads=threads, manifest=manifest, **options)
+    config, own = RuntimeConfig.split({"device": device, "threads": threads, "manifest": manifest, **options})
+    return backend.runtime_class(str(file), config, **own)
 
 
-__all__ = ["Backend", "Runtime", "RuntimeUnavailable", "ExportError", "InputSpec", "backends", "get_backend",
+__all__ = ["Backend", "Runtime", "RuntimeConfig", "RuntimeUnavailable", "ExportError", "InputSpec", "backends", "get_backend",
            "by_runtime", "targets", "runtimes", "installed_runtimes", "module_runtime", "default_runtime",
            "open_artifact", "open_runtime"]

@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
@@ -69,6 +69,28 @@ class InputSpec:
         return x  # a device tensor (benchmarks feed CUDA tensors): the runtime moves and casts it
 
 
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run an artifact or module, whatever the backend. ``precision``: what the artifact was exported in;
+    ``compute``: the precision asked to compute in (None: as exported); ``manifest``: the artifact's manifest,
+    already checked against its files (None for modules and bare files)."""
+
+    device: str = "cpu"
+    threads: int | None = 1
+    precision: str = "fp32"
+    compute: str | None = None
+    input_spec: InputSpec = InputSpec()
+    manifest: dict | None = field(default=None, compare=False, hash=False)
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple["RuntimeConfig", dict]:
+        """(the config, the backend's own options) from one mapping of keyword options."""
+        names = {f.name for f in fields(cls)}
+        # None means "the default" for every field but threads, where it means "the runtime's own choice"
+        given = {k: v for k, v in options.items() if k in names and (v is not None or k == "threads")}
+        return cls(**given), {k: v for k, v in options.items() if k not in names}
+
+
 def in_chunks(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int, pad: bool) -> np.ndarray:
     """``run`` over ``x`` in chunks of at most ``size`` images; with ``pad`` the last chunk is zero-padded to
     ``size`` (a program or artifact with a fixed batch) and the padding's outputs are dropped."""
@@ -95,17 +117,15 @@ class Runtime(ABC):
     #: infer() also takes a torch tensor already on the device (benchmarks time without host copies)
     accepts_device_tensors: bool = False
 
-    def __init__(self, source, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec: InputSpec | None = None, manifest: dict | None = None):
+    def __init__(self, source, config: RuntimeConfig = RuntimeConfig()):
         self.source = source
         self.path = str(source) if not hasattr(source, "forward") else None
-        self.device = device
-        self.threads = threads
-        self.precision = precision
-        self.compute = compute or precision
-        self.input_spec = input_spec or InputSpec()
-        #: the artifact's manifest, already checked against its files (None for modules and bare files)
-        self.manifest = manifest
+        self.device = config.device
+        self.threads = config.threads
+        self.precision = config.precision
+        self.compute = config.compute or config.precision
+        self.input_spec = config.input_spec
+        self.manifest = config.manifest
         self.active = False
 
     def activate(self) -> "Runtime":

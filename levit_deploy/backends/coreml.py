@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import StagedArtifact
 from ..labels import load_labels, unique_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .base import Backend, ExportError, Runtime, RuntimeUnavailable
+from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
 
 PACKAGE = "model.mlpackage"
 
@@ -165,14 +164,13 @@ class CoreMlRuntime(Runtime):
 
     name = "coreml"
 
-    def __init__(self, path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, image_input: bool = False,
+    def __init__(self, path, config: RuntimeConfig = RuntimeConfig(threads=None), image_input: bool = False,
                  labels: bool = False, label_file: str | None = None):
-        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
+        super().__init__(path, config)
         if platform.system() != "Darwin":
             raise RuntimeUnavailable(f"coreml runtime: Core ML predicts only on macOS, this is {platform.system()}; "
                                      f"the package was validated structurally at export")
-        self.units = "CPU_ONLY" if device == "cpu" else "ALL"  # Core ML picks CPU, GPU or Neural Engine
+        self.units = "CPU_ONLY" if self.device == "cpu" else "ALL"  # Core ML picks CPU, GPU or Neural Engine
         self.image_input, self.labels, self.label_file = image_input, labels, label_file
         self.output_transform = log_softmax if labels else None
 

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import StagedArtifact
 from ..env import require
 from ..quantize import QuantOptions, check_recipe
-from .base import Backend, ExportError, Runtime, in_chunks
+from .base import Backend, ExportError, Runtime, RuntimeConfig, StagedArtifact, in_chunks
 
 PROGRAM = "model.pte"
 
@@ -240,13 +239,12 @@ class ExecutorchRuntime(Runtime):
 
     name = "executorch"
 
-    def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, max_batch: int | None = None):
-        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
-        if device != "cpu":
-            raise ValueError(f"executorch runs on cpu here (XNNPACK), not {device!r}")
-        if self.compute != precision:
-            raise ValueError(f"executorch runs a {precision} program as it is; export in {self.compute} instead")
+    def __init__(self, path, config: RuntimeConfig = RuntimeConfig(), max_batch: int | None = None):
+        super().__init__(path, config)
+        if self.device != "cpu":
+            raise ValueError(f"executorch runs on cpu here (XNNPACK), not {self.device!r}")
+        if self.compute != self.precision:
+            raise ValueError(f"executorch runs a {self.precision} program as it is; export in {self.compute} instead")
         self.max_batch = max_batch
 
     def _open(self) -> None:

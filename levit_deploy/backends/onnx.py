@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import StagedArtifact
 from ..env import require
 from ..quantize import QuantOptions, check_recipe
-from .base import Backend, ExportError, Runtime, RuntimeUnavailable
+from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
 
 MIN_OPSET = 13  # strided slicing (the shrink-attention subsample) needs 13+
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter implements 18 and later
@@ -230,13 +229,12 @@ class OrtRuntime(Runtime):
 
     name = "ort"
 
-    def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, provider: str | None = None):
+    def __init__(self, path, config: RuntimeConfig = RuntimeConfig(), provider: str | None = None):
         """``provider``: cpu, cuda or tensorrt (execution providers of onnxruntime-gpu); default from device."""
-        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
-        if self.compute != precision:
-            raise ValueError(f"ort runs a {precision} graph as it is; export in {self.compute} instead")
-        self.provider = provider or ("cuda" if device.startswith("cuda") else "cpu")
+        super().__init__(path, config)
+        if self.compute != self.precision:
+            raise ValueError(f"ort runs a {self.precision} graph as it is; export in {self.compute} instead")
+        self.provider = provider or ("cuda" if self.device.startswith("cuda") else "cpu")
 
     def _open(self) -> None:
         ort = BACKEND.require("the 'ort' runtime")

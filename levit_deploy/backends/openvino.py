@@ -11,17 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import StagedArtifact
 from ..env import require
 from ..quantize import QuantOptions, check_recipe
-from .base import Backend, Runtime
+from .base import Backend, Runtime, RuntimeConfig, StagedArtifact
 from .onnx import layer_paths, write_onnx
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -140,22 +139,21 @@ def shared_core():
 class OpenVinoRuntime(Runtime):
     name = "openvino"
 
-    def __init__(self, path, device: str = "cpu", threads: int | None = 1, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None):
+    def __init__(self, path, config: RuntimeConfig = RuntimeConfig()):
         # an fp16 IR stores fp16 weights but computes in fp32 unless asked otherwise
-        super().__init__(path, device, threads, precision, compute or "fp32", input_spec, manifest)
+        super().__init__(path, replace(config, compute=config.compute or "fp32"))
         if self.compute not in HINTS:
             raise ValueError(f"openvino computes in fp32, bf16 or fp16, not {self.compute!r}")
-        self.ov_device = {"cpu": "CPU", "gpu": "GPU"}.get(device, device.upper())
-        self.config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": "LATENCY",
-                       "NUM_STREAMS": 1}
-        if threads is not None and self.ov_device == "CPU":
-            self.config["INFERENCE_NUM_THREADS"] = threads
-        self.exported_precision = precision
+        self.ov_device = {"cpu": "CPU", "gpu": "GPU"}.get(self.device, self.device.upper())
+        self.ov_config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": "LATENCY",
+                          "NUM_STREAMS": 1}
+        if self.threads is not None and self.ov_device == "CPU":
+            self.ov_config["INFERENCE_NUM_THREADS"] = self.threads
+        self.exported_precision = self.precision
 
     def _open(self) -> None:
         ov = BACKEND.require("the 'openvino' runtime")
-        self.compiled = shared_core().compile_model(self.path, self.ov_device, self.config)
+        self.compiled = shared_core().compile_model(self.path, self.ov_device, self.ov_config)
         self.request = self.compiled.create_infer_request()
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         names = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
@@ -171,7 +169,7 @@ class OpenVinoRuntime(Runtime):
     def _info(self) -> dict:
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS") if self.ov_device == "CPU" else None
         return {"openvino": self.ov_version, "device": self.ov_device, "threads": threads,
-                "inference_precision": self.inference_precision, "config": self.config}
+                "inference_precision": self.inference_precision, "config": self.ov_config}
 
     def _close(self) -> None:
         self.request = self.compiled = None

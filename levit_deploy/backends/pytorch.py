@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, Runtime, RuntimeUnavailable
+from .base import Backend, Runtime, RuntimeConfig, RuntimeUnavailable
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -13,13 +13,12 @@ class TorchRuntime(Runtime):
     name = "torch"
     accepts_device_tensors = True
 
-    def __init__(self, module: torch.nn.Module, device: str = "cpu", threads: int | None = 1,
-                 precision: str = "fp32", compute: str | None = None, input_spec=None, manifest=None,
+    def __init__(self, module: torch.nn.Module, config: RuntimeConfig = RuntimeConfig(),
                  channels_last: bool = False, compile: bool = False, cuda_graph: bool = False):
-        super().__init__(module, device, threads, precision, compute, input_spec, manifest)
+        super().__init__(module, config)
         if self.compute not in ("fp32", *AMP_DTYPES):
             raise ValueError(f"torch runtime computes in fp32, fp16 or bf16 (autocast), not {self.compute!r}")
-        if cuda_graph and not device.startswith("cuda"):
+        if cuda_graph and not self.device.startswith("cuda"):
             raise ValueError("cuda_graph needs device 'cuda'")
         self.precision = self.compute  # autocast: parity judges by the compute precision
         self.channels_last, self.compiled, self.cuda_graph = channels_last, compile, cuda_graph

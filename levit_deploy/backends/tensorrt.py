@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .base import StagedArtifact
 from ..env import cache_dir, write_atomic
-from .base import Backend, ExportError, Runtime, RuntimeUnavailable
+from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
 from .onnx import OnnxOptions, write_onnx
 
 WORKSPACE_BYTES = 4 << 30
@@ -136,9 +135,9 @@ class TensorRtRuntime(Runtime):
     name = "tensorrt"
     accepts_device_tensors = True
 
-    def __init__(self, path, device: str = "cuda", threads: int | None = None, precision: str = "fp32",
-                 compute: str | None = None, input_spec=None, manifest=None, built_for: dict | None = None):
-        super().__init__(path, device, threads, precision, compute, input_spec, manifest)
+    def __init__(self, path, config: RuntimeConfig = RuntimeConfig(device="cuda", threads=None),
+                 built_for: dict | None = None):
+        super().__init__(path, config)
         self.built_for = built_for
 
     def _open(self) -> None:

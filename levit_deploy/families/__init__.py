@@ -5,28 +5,23 @@ Adding a family is that folder plus one entry in ``MODULES``.
 """
 from __future__ import annotations
 
-import importlib
-from functools import lru_cache
-
 from torch import nn
 
+from ..env import Registry
 from ..preprocess import PreprocessSpec
 from .base import CheckpointMismatch, Detection, Family, NotRecognised
 
 MODULES = ("levit", "lightvit", "litv2")
+REGISTRY: Registry[Family] = Registry(__name__, MODULES, "FAMILY", "model family")
 
 
-@lru_cache(maxsize=1)
 def families() -> dict[str, Family]:
     """name -> family, in registry order."""
-    found = [importlib.import_module(f"{__name__}.{m}").FAMILY for m in MODULES]
-    return {f.name: f for f in found}
+    return REGISTRY.all()
 
 
 def get_family(name: str) -> Family:
-    if name not in families():
-        raise KeyError(f"unknown model family {name!r}; known: {', '.join(families())}")
-    return families()[name]
+    return REGISTRY.get(name)
 
 
 def resolve_variant(name: str) -> tuple[Family, str] | None:

@@ -56,6 +56,10 @@ class Family(ABC):
     deploy_stage: str = "deploy model"  # name of the last fusion check
     #: parameters (by name) that random init draws with their own standard deviation
     random_std: dict[str, float] = {}
+    model_class: type[nn.Module]  # the reference model, built from a config
+    make_config: Callable[..., Any]  # staticmethod (variant, num_classes) -> config
+    steps: list[FusionStep]  # the fusion steps, in order
+    flops: Callable[[Any], int]  # staticmethod config -> multiply-adds per image
 
     # --- variants -------------------------------------------------------------------------------------
     def resolve(self, name: str) -> str | None:
@@ -67,12 +71,12 @@ class Family(ABC):
         lowered = name.lower().replace("-", "_")
         return lowered if lowered in self.variants else None
 
-    @abstractmethod
-    def config(self, variant: str, num_classes: int | None = None) -> Any: ...
+    def config(self, variant: str, num_classes: int | None = None) -> Any:
+        return self.make_config(variant, num_classes)
 
-    @abstractmethod
     def create(self, config: Any) -> nn.Module:
         """A freshly initialised reference model (eval mode) for ``config``."""
+        return self.model_class(config).eval()
 
     # --- checkpoints ----------------------------------------------------------------------------------
     @abstractmethod
@@ -80,18 +84,22 @@ class Family(ABC):
         """Recognise layout and variant from key names and shapes; NotRecognised if not this family,
         CheckpointError (from ..checkpoints) if it is this family but the tensors do not fit."""
 
-    @abstractmethod
     def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> nn.Module:
-        """The reference model with ``sd`` loaded strictly, in eval mode."""
+        """The reference model with the checkpoint loaded strictly, in eval mode: ``detection.state`` when detect
+        prepared the tensors, else ``sd`` as it is."""
+        model = self.model_class(detection.config)
+        model.load_state_dict(sd if detection.state is None else detection.state, strict=True)
+        return model.eval()
 
     # --- fusion and export ----------------------------------------------------------------------------
-    @abstractmethod
     def fusion_steps(self) -> list[FusionStep]:
         """Named in-place transforms of a copy of the reference model, each checked for parity."""
+        return self.steps
 
-    @abstractmethod
     def assemble(self, model: nn.Module) -> nn.Module:
-        """The fully transformed reference model repackaged as the deploy model every exporter sees."""
+        """The fully transformed reference model repackaged as the deploy model every exporter sees (by default
+        the steps leave it deploy-ready)."""
+        return model
 
     #: why only the configured input size runs (shown when another is asked for)
     fixed_size_reason: str = ""
@@ -114,9 +122,9 @@ class Family(ABC):
         returns the choices, recorded in the manifest."""
         return {}
 
-    @abstractmethod
     def count_flops(self, config: Any) -> int:
         """Multiply-adds per image, counted the way the family's paper counts them."""
+        return self.flops(config)
 
     # --- preprocessing --------------------------------------------------------------------------------
     def spec_for_layout(self, layout: str) -> PreprocessSpec:

@@ -36,15 +36,15 @@ class LevitFamily(Family):
     }
     deploy_stage = "DeployLevit"
     random_std = {"attention_biases": 2.0}  # the bias then matters as much as q·k, as in trained LeViTs
+    model_class = Levit
+    steps = fusion.STEPS
+    flops = staticmethod(count_flops)
 
     def resolve(self, name: str) -> str | None:
         return resolve_variant_name(name)
 
     def config(self, variant: str, num_classes: int | None = None, distilled: bool | None = None) -> LevitConfig:
         return get_config(variant, num_classes, distilled)
-
-    def create(self, config: LevitConfig) -> Levit:
-        return Levit(config).eval()
 
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         flat, mode = flatten_conv_mode(sd)
@@ -66,18 +66,12 @@ class LevitFamily(Family):
     def spec_for_layout(self, layout: str):
         return self.specs.get("official" if layout.startswith("official") else layout, self.specs["official"])
 
-    def fusion_steps(self):
-        return fusion.STEPS
-
     def assemble(self, model: Levit):
         return fusion.assemble(model)
 
     def describe(self, config: LevitConfig) -> dict:
         return {"distilled": config.distilled,
                 "output": "mean of classifier and distillation heads" if config.distilled else "classifier"}
-
-    def count_flops(self, config: LevitConfig) -> int:
-        return count_flops(config)
 
 
 FAMILY = LevitFamily()

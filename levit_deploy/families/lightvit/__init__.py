@@ -25,12 +25,10 @@ class LightViTFamily(Family):
     specs = {"official": dataclasses.replace(IMAGENET_EVAL, source="official")}
     deploy_stage = "deploy model"
     random_std = {"relative_position_bias_table": 1.0, "global_token": 1.0}
-
-    def config(self, variant: str, num_classes: int | None = None) -> LightViTConfig:
-        return get_config(variant, num_classes)
-
-    def create(self, config: LightViTConfig) -> LightViT:
-        return LightViT(config).eval()
+    model_class = LightViT  # the fusion steps leave it deploy-ready: no BatchNorm, no index tables, no affine
+    make_config = staticmethod(get_config)
+    steps = fusion.STEPS
+    flops = staticmethod(count_flops)
 
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         config = detect_variant(sd)
@@ -39,22 +37,8 @@ class LightViTFamily(Family):
                  f"integer buffers too) and were recomputed"] if differed else []
         return Detection("official", config, {"global_tokens": config.num_tokens}, notes=notes, state=fixed)
 
-    def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> LightViT:
-        model = LightViT(detection.config)
-        model.load_state_dict(detection.state, strict=True)
-        return model.eval()
-
-    def fusion_steps(self):
-        return fusion.STEPS
-
-    def assemble(self, model: LightViT) -> LightViT:
-        return model  # the steps leave the model deploy-ready: no BatchNorm, no index tables, no affine to fold
-
     def describe(self, config: LightViTConfig) -> dict:
         return {"global_tokens": config.num_tokens}
-
-    def count_flops(self, config: LightViTConfig) -> int:
-        return count_flops(config)
 
 
 FAMILY = LightViTFamily()

@@ -31,27 +31,14 @@ class LITv2Family(Family):
     # classification/data/build.py build_transform(is_train=False) at 224 with TEST.CROP: resize the shorter
     # side to int(256/224 * 224) = 256 (bicubic), centre-crop 224, ImageNet mean/std
     specs = {"official": dataclasses.replace(IMAGENET_EVAL, source="official")}
-
-    def config(self, variant: str, num_classes: int | None = None) -> LITv2Config:
-        return get_config(variant, num_classes)
-
-    def create(self, config: LITv2Config) -> LITv2:
-        return LITv2(config).eval()
+    model_class = LITv2  # the fusion steps leave it deploy-ready: no BatchNorm, scale and affines folded
+    make_config = staticmethod(get_config)
+    steps = fusion.STEPS
+    flops = staticmethod(count_flops)
 
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         config = detect_variant(sd)
         return Detection("official", config, {"alpha": config.alpha, "local_windows": list(config.local_ws)})
-
-    def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> LITv2:
-        model = LITv2(detection.config)
-        model.load_state_dict(sd, strict=True)
-        return model.eval()
-
-    def fusion_steps(self):
-        return fusion.STEPS
-
-    def assemble(self, model: LITv2) -> LITv2:
-        return model  # the steps leave the model deploy-ready: no BatchNorm, scale and affines folded
 
     def choose_for_target(self, model: LITv2, target: str, precision: str, options) -> dict:
         method = DEFORM_METHOD.get(target, "gather")
@@ -62,9 +49,6 @@ class LITv2Family(Family):
 
     def describe(self, config: LITv2Config) -> dict:
         return {"alpha": config.alpha, "local_windows": list(config.local_ws)}
-
-    def count_flops(self, config: LITv2Config) -> int:
-        return count_flops(config)
 
 
 FAMILY = LITv2Family()
