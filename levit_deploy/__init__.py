@@ -3,7 +3,7 @@ layouts, fuse, export, run and benchmark them.
 
 The public API mirrors the data flow: ``load`` -> ``fuse`` -> ``export`` -> ``open_runtime``, with
 ``compare`` judging every arrow against one reference set (``build_reference_set``). Optional
-backends (ONNX Runtime, OpenVINO, CoreML, TensorRT) are imported only when used.
+backends (ONNX Runtime, OpenVINO, Core ML, TensorRT, ExecuTorch) are imported only when used.
 """
 __version__ = "0.1.0"
 

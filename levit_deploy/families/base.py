@@ -82,7 +82,7 @@ class Family(ABC):
     @abstractmethod
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         """Recognise layout and variant from key names and shapes; NotRecognised if not this family,
-        CheckpointError (from ..checkpoints) if it is this family but the tensors do not fit."""
+        CheckpointMismatch if it is this family but the tensors do not fit."""
 
     def build(self, sd: dict[str, torch.Tensor], detection: Detection) -> nn.Module:
         """The reference model with the checkpoint loaded strictly, in eval mode: ``detection.state`` when detect
