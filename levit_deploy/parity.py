@@ -133,7 +133,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, precision: str = "fp32",
                     stage: str = "candidate", floors: np.ndarray | None = None,
                     kinds: Sequence[str] | None = None, names: Sequence[str] | None = None,
-                    inputs: str = "") -> ParityReport:
+                    inputs: str = "", rule: Rule | None = None) -> ParityReport:
     """Judge candidate outputs (N, classes) against fp64 reference outputs by the rule of ``precision``.
 
     ``floors``: the floor draws [draws, N, classes] in the rule's floor precision; None means a zero floor (the
@@ -141,7 +141,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, precision: str
     """
     if precision not in RULES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    rule = RULES[precision]
+    rule = rule or RULES[precision]
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)
     if ref.shape != cand.shape:

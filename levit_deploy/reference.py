@@ -32,31 +32,55 @@ def random_inputs(n: int = 16, seed: int = 0, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
 
 
+class _Captured(Exception):
+    """Raised by the capture hook: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def run_module(module: torch.nn.Module, inputs: np.ndarray, batch: int = 16, dtype: torch.dtype = torch.float32,
-               autocast: torch.dtype | None = None) -> np.ndarray:
-    """float64 outputs of ``module`` on ``inputs``, fed in ``dtype``, optionally under CPU autocast."""
+               autocast: torch.dtype | None = None, at: str | None = None) -> np.ndarray:
+    """float64 outputs of ``module`` on ``inputs``, fed in ``dtype``, optionally under CPU autocast. ``at``: the
+    input of that submodule instead (what the modules before it computed), flattened per input to (N, D)."""
     outs = []
     for i in range(0, len(inputs), batch):
         x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch])).to(dtype)
-        if autocast is not None:
-            with torch.autocast("cpu", dtype=autocast):
-                outs.append(module(x).double().numpy())
-        else:
-            outs.append(module(x).double().numpy())
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            outs.append(_forward(module, x, at).double().numpy())
     return np.concatenate(outs)
 
 
-def reference_outputs(model: torch.nn.Module, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Outputs of a copy of ``model`` in float64 on the CPU: the ground truth for every comparison."""
+def _forward(module: torch.nn.Module, x: torch.Tensor, at: str | None) -> torch.Tensor:
+    if at is None:
+        return module(x)
+    seen: list[torch.Tensor] = []
+
+    def capture(_, args):
+        seen.append(args[0].detach().flatten(1))
+        raise _Captured
+
+    handle = module.get_submodule(at).register_forward_pre_hook(capture)
+    try:
+        module(x)
+    except _Captured:
+        return seen[0]
+    finally:
+        handle.remove()
+    raise ValueError(f"the forward never reached {at!r}")
+
+
+def reference_outputs(model: torch.nn.Module, inputs: np.ndarray, batch: int = 16, at: str | None = None
+                      ) -> np.ndarray:
+    """Outputs of a copy of ``model`` in float64 on the CPU: the ground truth for every comparison (``at``: the
+    input of that submodule, see run_module)."""
     ref = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
-    return run_module(ref, inputs, batch, dtype=torch.float64)
+    return run_module(ref, inputs, batch, dtype=torch.float64, at=at)
 
 
 @torch.no_grad()
 def floor_draws(model: torch.nn.Module, inputs: np.ndarray, precision: str, draws: int = FLOOR_DRAWS,
-                seed: int = 0) -> np.ndarray:
-    """[draws, N, classes]: the unfused model evaluated in ``precision`` as it could equally have been.
+                seed: int = 0, at: str | None = None) -> np.ndarray:
+    """[draws, N, classes]: the unfused model evaluated in ``precision`` as it could equally have been (``at``:
+    the input of that submodule instead, see run_module).
 
     Draw 0 is the plain evaluation; the others perturb every floating-point weight and buffer by a
     seeded random relative amount of at most the precision's unit roundoff, which is how much folding
@@ -65,14 +89,14 @@ def floor_draws(model: torch.nn.Module, inputs: np.ndarray, precision: str, draw
     base = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     auto = AUTOCAST.get(precision)
     u = UNIT_ROUNDOFF[precision]
-    out = [run_module(base, inputs, autocast=auto)]
+    out = [run_module(base, inputs, autocast=auto, at=at)]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(draws - 1):
         m = copy.deepcopy(base)
         for t in [*m.parameters(), *m.buffers()]:
             if t.is_floating_point():
                 t.mul_(1 + (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(t.dtype) * u)
-        out.append(run_module(m, inputs, autocast=auto))
+        out.append(run_module(m, inputs, autocast=auto, at=at))
     return np.stack(out)
 
 

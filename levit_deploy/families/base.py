@@ -60,6 +60,8 @@ class Family(ABC):
     make_config: Callable[..., Any]  # staticmethod (variant, num_classes) -> config
     steps: list[FusionStep]  # the fusion steps, in order
     flops: Callable[[Any], int]  # staticmethod config -> multiply-adds per image
+    #: the deployed model's chain of units for --locate, as module-path patterns ("stages.*": each stage)
+    locate_units: tuple[str, ...] = ()
 
     # --- variants -------------------------------------------------------------------------------------
     def resolve(self, name: str) -> str | None:

@@ -39,6 +39,7 @@ class LevitFamily(Family):
     model_class = Levit
     steps = fusion.STEPS
     flops = staticmethod(count_flops)
+    locate_units = ("stem", "stages.*", "head")
 
     def resolve(self, name: str) -> str | None:
         return resolve_variant_name(name)

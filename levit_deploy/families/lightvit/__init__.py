@@ -29,6 +29,7 @@ class LightViTFamily(Family):
     make_config = staticmethod(get_config)
     steps = fusion.STEPS
     flops = staticmethod(count_flops)
+    locate_units = ("patch_embed", "stages.*.*", "norm", "neck", "head")
 
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         config = detect_variant(sd)

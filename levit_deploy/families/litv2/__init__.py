@@ -35,6 +35,7 @@ class LITv2Family(Family):
     make_config = staticmethod(get_config)
     steps = fusion.STEPS
     flops = staticmethod(count_flops)
+    locate_units = ("patch_embed", "layers.*.blocks.*", "layers.*.downsample", "norm", "head")
 
     def detect(self, sd: dict[str, torch.Tensor]) -> Detection:
         config = detect_variant(sd)

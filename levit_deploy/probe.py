@@ -1,0 +1,89 @@
+"""A shipped graph seen the same way whatever its backend, for ``--locate``: operations, the tensors between them,
+the weights they read (by the deployed model's parameter names), and a prefix of the graph run to one tensor.
+
+Backends that support locating provide a ``Probe`` (``Backend.probe``); ``locate.py`` needs nothing else of them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: a deployed model's parameter name inside a graph's constant name ("stages.3.inner.qkv.weight_quantized")
+PARAM_NAME = re.compile(r"((?:[A-Za-z_][A-Za-z0-9_]*|\d+)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\d+))*\.(?:weight|bias))")
+
+
+def param_name(name: str) -> str | None:
+    """The parameter path in a constant's name, or None."""
+    found = PARAM_NAME.search(name)
+    return found.group(1) if found else None
+
+
+@dataclass
+class Node:
+    """One operation of a graph, backend-neutral: tensors by name, and the parameters it reads by module path."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    params: list[str] = field(default_factory=list)  # parameter names, e.g. "stages.3.inner.qkv.weight"
+
+
+@dataclass
+class Graph:
+    """A shipped graph as ``Node`` s in topological order, with its input and output tensor names.
+
+    A weight often reaches its operation through constant nodes (a DequantizeLinear, a Convert, a transpose the
+    converter kept); those nodes cannot be reached from the input, so their parameters are handed on to the first
+    node the input does reach."""
+
+    nodes: list[Node]
+    input: str
+    output: str
+
+    def __post_init__(self) -> None:
+        live = self.reachable_without("")
+        carried: dict[str, list[str]] = {}
+        for i, node in enumerate(self.nodes):
+            inherited = [p for t in node.inputs for p in carried.get(t, [])]
+            if i in live:
+                node.params = list(dict.fromkeys([*node.params, *inherited]))
+            else:
+                for t in node.outputs:
+                    carried[t] = [*node.params, *inherited]
+
+    def reachable_without(self, blocked: str) -> set[int]:
+        """Indices of the nodes the input reaches when tensor ``blocked`` carries nothing."""
+        live, reached = {self.input} - {blocked}, set()
+        for i, node in enumerate(self.nodes):
+            if any(t in live for t in node.inputs):
+                reached.add(i)
+                live.update(t for t in node.outputs if t != blocked)
+        return reached
+
+    def cut_before(self, unit: str) -> str | None:
+        """The latest tensor that every path from the input to ``unit``'s weights passes through, or None when no
+        node reads a weight of ``unit`` (folded into a neighbour)."""
+        prefix = unit + "."
+        owned = {i for i, n in enumerate(self.nodes) if any(p.startswith(prefix) for p in n.params)}
+        if not owned:
+            return None
+        first = min(owned)
+        for i in range(first - 1, -1, -1):
+            for tensor in self.nodes[i].outputs:
+                if not owned & self.reachable_without(tensor):
+                    return tensor
+        return self.input
+
+
+class Probe:
+    """How locate reaches inside one backend's artifact: its graph, and a prefix of it run to one tensor. Each
+    backend that supports ``--locate`` provides one (``Backend.probe``); it must never write the shipped files."""
+
+    def graph(self) -> Graph:
+        raise NotImplementedError
+
+    def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
+        """The value of ``tensor`` for ``inputs``, flattened to (N, D), from a prefix of the shipped graph."""
+        raise NotImplementedError
