@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..env import require
+from ..probe import Graph, Node, Probe, param_name
 from ..quantize import QuantOptions, check_recipe
 from .base import Backend, Runtime, RuntimeConfig, StagedArtifact
 from .onnx import layer_paths, write_onnx
@@ -67,6 +68,25 @@ def ov_layer_names(ir, onnx_graph) -> dict[str, str]:
     return out
 
 
+def name_weights(ir, onnx_graph) -> int:
+    """Name each weight constant of ``ir`` after its parameter (``stages.3.inner.qkv.weight``), as the ONNX graph
+    does: the converter folds them into constants named ``Transpose_6296``, and ``--locate`` finds the model's
+    units in a graph by its parameter names. Names do not change what runs. Returns how many were named."""
+    paths = layer_paths(onnx_graph, ("MatMul", "Gemm", "Conv"))
+    named = 0
+    for op in ir.get_ordered_ops():
+        path = paths.get(op.get_friendly_name().split("/")[0])
+        if op.get_type_name() not in WEIGHT_OPS or path is None:
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size() > 0:
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "Constant":
+            node.set_friendly_name(f"{path}.weight")
+            named += 1
+    return named
+
+
 def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=()) -> tuple[object, dict]:
     """NNCF post-training quantization of an fp32 IR, transformer mode, calibrated at batch 1.
 
@@ -110,10 +130,10 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     ir = ov.convert_model(str(onnx_dir / staged_onnx.file), input=[("pixel_values", [batch, 3, size, size])],
                           extension=onnx_extensions())
     quant = None
+    onnx_graph = require("onnx", "OpenVINO export", "onnx").load(str(onnx_dir / staged_onnx.file)).graph
+    name_weights(ir, onnx_graph)
     if opts.precision == "int8":
-        onnx = require("onnx", "int8 OpenVINO export", "onnx")
-        layers = ov_layer_names(ir, onnx.load(str(onnx_dir / staged_onnx.file)).graph)
-        ir, quant = quantize_nncf(ir, opts.calibration, layers, opts.keep_float)
+        ir, quant = quantize_nncf(ir, opts.calibration, ov_layer_names(ir, onnx_graph), opts.keep_float)
     ov.save_model(ir, str(staging / "model.xml"), compress_to_fp16=opts.precision == "fp16")
     for f in onnx_dir.iterdir():
         f.unlink()
@@ -175,8 +195,48 @@ class OpenVinoRuntime(Runtime):
         self.request = self.compiled = None
 
 
+class OpenVinoProbe(Probe):
+    """The shipped IR read into memory; a prefix is a model over the same operations whose one result is the
+    tensor, compiled with the runtime's own configuration. The files are only read."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.xml = folder / manifest["artifact"]["file"]
+        self.model = shared_core().read_model(str(self.xml))
+        self.runtime = OpenVinoRuntime(str(self.xml), RuntimeConfig(precision=manifest["export"]["precision"],
+                                                                    threads=None))
+
+    @staticmethod
+    def _tensor(output) -> str:
+        return f"{output.get_node().get_friendly_name()}:{output.get_index()}"
+
+    def graph(self) -> Graph:
+        nodes, result = [], None
+        for op in self.model.get_ordered_ops():
+            name = op.get_friendly_name()
+            inputs = [self._tensor(i.get_source_output()) for i in op.inputs()]
+            if op.get_type_name() == "Result":
+                result = inputs[0]
+                continue
+            params = [p] if op.get_type_name() == "Constant" and (p := param_name(name)) else []
+            nodes.append(Node(name, inputs, [f"{name}:{i}" for i in range(op.get_output_size())], params))
+        return Graph(nodes, self._tensor(self.model.get_parameters()[0].output(0)), result)
+
+    def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
+        ov = BACKEND.require("--locate")
+        name, index = tensor.rsplit(":", 1)
+        op = next(o for o in self.model.get_ordered_ops() if o.get_friendly_name() == name)
+        prefix = ov.Model([op.output(int(index))], self.model.get_parameters(), "prefix")
+        compiled = shared_core().compile_model(prefix, self.runtime.ov_device, self.runtime.ov_config)
+        request = compiled.create_infer_request()
+        outs = []
+        for i in range(0, len(inputs), 16):
+            request.infer({0: np.ascontiguousarray(inputs[i:i + 16])})
+            outs.append(np.array(request.get_output_tensor(0).data, dtype=np.float64).reshape(len(inputs[i:i + 16]), -1))
+        return np.concatenate(outs)
+
+
 BACKEND = Backend(
     name="openvino", runtime="openvino", description="OpenVINO IR, run by OpenVINO on CPU",
     runtime_class=OpenVinoRuntime, module="openvino", extra="openvino", packages=("openvino", "nncf"),
     suffixes=(".xml",), companions=(".bin",), precisions=("fp32", "fp16", "int8"),
-    compute_precisions=("fp32", "bf16", "fp16"), options=OpenVinoOptions, write=write)
+    compute_precisions=("fp32", "bf16", "fp16"), options=OpenVinoOptions, write=write, probe=OpenVinoProbe)
