@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (FAILED_REPORT, FORMAT_VERSION, Artifact, ManifestError, check_out_dir, export_lock,
-                        hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
+from .artifacts import (FAILED_REPORT, FORMAT_VERSION, MANIFEST_NAME, Artifact, ManifestError, check_out_dir,
+                        export_lock, hash_tree, is_artifact, publish, read_manifest, staging, verify_artifact)
 from .backends import get_backend
 from .backends.base import ExportError, InputSpec, RuntimeConfig, RuntimeUnavailable, StagedArtifact, in_chunks
 from .calibration import calibration_set
@@ -27,6 +27,7 @@ from .env import cache_dir, fingerprint, package_versions, write_json_atomic
 from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
+from .locate import locate
 from .parity import ParityReport, compare
 from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate
 from .reference import ReferenceSet, build_reference_set
@@ -37,10 +38,19 @@ __all__ = ["export", "cached_export", "ExportError", "ExportParityError", "Expor
 class ExportParityError(ExportError):
     """The artifact was produced but disagrees with the reference; it was not kept."""
 
-    def __init__(self, report: ParityReport, report_path: Path):
-        super().__init__(f"parity gate failed, artifact discarded: {report.summary()} "
+    def __init__(self, report: ParityReport, report_path: Path, located: dict | None = None):
+        super().__init__(f"parity gate failed, artifact discarded: {report.summary()}{_where(located)} "
                          f"(full report: {report_path})")
         self.report = report
+        self.located = located
+
+
+def _where(located: dict | None) -> str:
+    if located is None:
+        return "; to find the unit where it diverges, export again with --locate-on-fail"
+    if located["first_divergent"] is None:
+        return "; locating found no unit that diverges before the output"
+    return f"; it first diverges after {located['first_divergent']['module']}"
 
 
 @dataclass
@@ -52,6 +62,7 @@ class ExportOptions:
     target: Any = None  # the backend's own options dataclass (None if it has none)
     calibration: Any = None  # int8: the CalibrationSet the quantizer takes its activation ranges from
     keep_float: tuple[str, ...] = ()  # int8: the layers (module paths) this attempt keeps in float
+    locate_on_fail: bool = False  # when the gate refuses, bisect the artifact for the first diverging unit
 
 
 class _FixedBatch:
@@ -68,7 +79,7 @@ class _FixedBatch:
 def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precision: str = "fp32",
            batch: str | int = "dynamic", img_size: int | None = None, reference: ReferenceSet | None = None,
            images=(), options: dict | None = None, calib=None, calibration=None,
-           status: Callable[[str], None] | None = None, **target_options) -> Artifact:
+           status: Callable[[str], None] | None = None, locate_on_fail: bool = False, **target_options) -> Artifact:
     """Fuse ``model``, write a ``to`` artifact and its manifest into ``out_dir``, and gate it on parity.
 
     ``reference``: the model's reference set, if already built; else the default one (bundled photos,
@@ -78,6 +89,8 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     CalibrationSet; without either, the stand-in set (and the manifest says so). The int8 gate is judged
     on the reference set's decoded images only; when the plain int8 artifact fails it, the most sensitive layers
     are kept in float step by step (:mod:`levit_deploy.quantize`). ``status``: called with progress lines.
+    ``locate_on_fail``: when the gate refuses, find the first unit after which the artifact diverges
+    (:mod:`levit_deploy.locate`) before it is discarded; the failure report and the error name it.
     """
     backend = get_backend(to)
     if backend.write is None:
@@ -99,7 +112,8 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
     spec = spec_for_model(model)
     if precision == "int8" and calibration is None:  # (the CLI builds it first, to say what it calibrates on)
         calibration = calibration_set(spec, calib)
-    opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration)
+    opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration,
+                         locate_on_fail=locate_on_fail)
     with export_lock(Path(out_dir)) as out:
         check_out_dir(out)
         return _export_into(model, backend, out, opts, reference or build_reference_set(model, spec, images=images),
@@ -154,16 +168,28 @@ def _export_into(model: torch.nn.Module, backend, out_dir: Path, opts: ExportOpt
             parity = {"status": "pending", "reason": staged.parity_pending, "precision": opts.precision}
         else:
             parity = {"status": "passed" if report.passed else "failed", **report.to_dict()}
-            if not report.passed:
-                if "recipe" in staged.details.get("quantization", {}):
-                    parity["int8_search"] = staged.details["quantization"]["recipe"]
-                failed = out_dir / FAILED_REPORT.format(target=backend.name)
-                write_json_atomic(failed, parity)
-                raise ExportParityError(report, failed)
         manifest = _manifest(model, backend, opts, staged, files, sum((folder / f).stat().st_size for f in files),
                              fusion.reports, spec, parity, choices)
+        if report is not None and not report.passed:
+            _refuse(manifest, folder, out_dir / FAILED_REPORT.format(target=backend.name), report, opts, status)
         publish(staged.names, folder, out_dir, manifest)
     return Artifact(out_dir, out_dir / staged.file, manifest)
+
+
+def _refuse(manifest: dict, folder: Path, report_path: Path, report: ParityReport, opts: ExportOptions,
+            status: Callable[[str], None]) -> None:
+    """Write the failure report beside the artifact folder (with where the staged artifact diverges, when asked)
+    and raise ExportParityError; the staged artifact is discarded by the caller."""
+    parity, located = manifest["parity"], None
+    quantization = manifest["artifact"].get("quantization", {})
+    if "recipe" in quantization:
+        parity["int8_search"] = quantization["recipe"]
+    if opts.locate_on_fail:
+        status("the gate refused the artifact: locating the first unit where it diverges …")
+        write_json_atomic(folder / MANIFEST_NAME, manifest)
+        located = parity["locate"] = locate(folder, status=status).to_dict()
+    write_json_atomic(report_path, parity)
+    raise ExportParityError(report, report_path, located)
 
 
 def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions, reference: ReferenceSet,

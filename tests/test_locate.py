@@ -92,3 +92,30 @@ def test_a_fault_in_one_unit_is_named_and_the_files_are_only_read(variant, targe
     assert file_hashes(broken) == tampered
     before_unit = [c for c in report.checked if c.passed]
     assert all(c.worst_e_over_bound <= 1 for c in before_unit)
+
+
+@pytest.mark.slow
+def test_an_export_the_gate_refuses_names_where_it_diverges_with_locate_on_fail(tmp_path, monkeypatch):
+    import torch
+
+    import levit_deploy as ld
+    import levit_deploy.backends.onnx as onnx_exporter
+    from levit_deploy.export import ExportParityError
+
+    real = onnx_exporter._torch_export
+
+    def converter_bug(deploy, *args, **kwargs):  # one tensor of stages.6 mis-scaled on the way into the graph
+        with torch.no_grad():
+            next(deploy.get_submodule("stages.6").parameters()).mul_(FAULT)
+        real(deploy, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_exporter, "_torch_export", converter_bug)
+    model = ld.load("levit_128s", init="random", seed=1)
+    with pytest.raises(ExportParityError, match="--locate-on-fail"):
+        ld.export(model, "onnx", tmp_path / "plain")
+    with pytest.raises(ExportParityError, match="first diverges after stages.6") as refused:
+        ld.export(model, "onnx", tmp_path / "located", locate_on_fail=True)
+    assert refused.value.located["first_divergent"]["module"] == "stages.6"
+    report = json.loads((tmp_path / "located" / "parity-failed-onnx.json").read_text())
+    assert report["locate"]["first_divergent"]["module"] == "stages.6"
+    assert sorted(p.name for p in (tmp_path / "located").iterdir()) == ["parity-failed-onnx.json"]
