@@ -22,7 +22,7 @@ from .artifacts import is_artifact
 from .backends import (RuntimeUnavailable, backends, by_runtime, installed_runtimes, module_runtime, open_artifact,
                        open_runtime, runtimes as known_runtimes)
 from .checkpoints import resolve
-from .env import fingerprint, require
+from .env import fingerprint, require, text_table
 from .export import export
 from .fuse import fuse, fuse_checked
 from .parity import compare
@@ -345,9 +345,7 @@ def format_table(results: list[BenchResult], models: list[str] | None = None) ->
         rows.append((*((models[i],) if models else ()), r.label, r.runtime, r.precision, f"{icon[r.status]} {r.status}",
                      f(r.size_mb, ".1f"), f(r.parity_margin, ".2g"), f(r.images_per_s, ".1f"), f(r.p50_ms, ".1f"),
                      f(r.p99_ms, ".1f"), f(r.spread, ".2f"), "-" if r.speedup is None else f"{r.speedup:.2f}x"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = [text_table(rows)]
     for r in results:
         if r.error:
             lines.append(f"{r.label}: {r.error}")

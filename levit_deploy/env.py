@@ -144,3 +144,17 @@ def fingerprint(threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
     }
+
+
+def text_table(rows: list[tuple], indent: str = "", right: tuple[int, ...] = ()) -> str:
+    """Every table levit-deploy prints: columns two spaces apart under a ruled header row (``rows[0]``); ``right``:
+    the indices of columns aligned to the right (numbers)."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+
+    def cells(row: tuple) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    lines = [indent + cells(row) for row in rows]
+    lines.insert(1, indent + "-" * (len(lines[0]) - len(indent)))
+    return "\n".join(lines)

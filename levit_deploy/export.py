@@ -110,14 +110,24 @@ def export(model: torch.nn.Module, to: str, out_dir: str | os.PathLike, precisio
             target.keep_float or target.max_float_fraction != MAX_FLOAT_FRACTION):
         raise ExportError(f"keep_float and max_float_fraction are int8 options; {precision} takes neither")
     spec = spec_for_model(model)
-    if precision == "int8" and calibration is None:  # (the CLI builds it first, to say what it calibrates on)
+    status = status or (lambda _: None)
+    if precision == "int8" and calibration is None:
         calibration = calibration_set(spec, calib)
+        _announce(calibration, status)
     opts = ExportOptions(precision, batch if batch == "dynamic" else int(batch), target, calibration,
                          locate_on_fail=locate_on_fail)
     with export_lock(Path(out_dir)) as out:
         check_out_dir(out)
         return _export_into(model, backend, out, opts, reference or build_reference_set(model, spec, images=images),
-                            status or (lambda _: None))
+                            status)
+
+
+def _announce(calibration, status: Callable[[str], None]) -> None:
+    """What int8 calibrates on, and a stand-in's warning, said before the long export starts."""
+    status(f"calibrating on {len(calibration.inputs)} images from {calibration.source}"
+           + (f" ({len(calibration.skipped)} unreadable files skipped)" if calibration.skipped else ""))
+    if calibration.warning():
+        status(f"WARNING: {calibration.warning()}")
 
 
 def cached_export(model, to: str, precision: str = "fp32", reference=None, images=()) -> Path:

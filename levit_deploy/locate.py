@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .artifacts import is_artifact
 from .backends import open_artifact, open_runtime
 from .checkpoints import resolve
 from .families import family_of
@@ -142,6 +143,8 @@ class _Judge:
 
 def locate(artifact, images=None, status: Callable[[str], None] = lambda _: None) -> LocateReport:
     """Find the first unit of the deployed model after which ``artifact`` diverges from the fp64 reference."""
+    if not is_artifact(artifact):
+        raise LocateError(f"{artifact}: --locate takes an artifact folder (one with a manifest.json)")
     manifest, folder, _, backend = open_artifact(artifact)
     if backend.probe is None:
         raise LocateError(f"--locate is not available for {backend.name} artifacts (no way to run a prefix of "

@@ -6,9 +6,10 @@ into the cache (with the parity gate) and reused on later runs.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
@@ -140,3 +141,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def write_csv(predictions: Iterable[Prediction], out: TextIO, topk: int) -> Iterator[Prediction]:
+    """Yield ``predictions`` unchanged, writing each as one row of ``out`` as it passes (a header first), so that
+    the file fills while the run streams and keeps every finished row if the run stops. Columns: path, status,
+    label1, prob1 ... label<topk>, prob<topk> (blank past an image's classes), error. ``out`` is opened by the
+    caller, before the model loads: an unwritable path is refused before any work."""
+    writer = csv.writer(out)
+    writer.writerow(["path", "status", *[f"{f}{r}" for r in range(1, topk + 1) for f in ("label", "prob")], "error"])
+    for pred in predictions:
+        cells = [c for t in pred.topk for c in (t["label"], f"{t['prob']:.6f}")]
+        writer.writerow([pred.path, "ok" if pred.ok else "error", *cells, *[""] * (2 * topk - len(cells)),
+                         pred.error or ""])
+        yield pred

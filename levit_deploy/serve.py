@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -134,3 +135,16 @@ def start(artifact, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1
     serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": max(5, math.ceil(body_timeout_s))})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/"
+
+
+def run_until_interrupted(address: str | None = None) -> None:
+    """Block until Ctrl-C, then delete only our Serve application (a shared cluster's other Serve apps keep
+    running), and shut Serve down when it runs on the local Ray that start() began."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve = require("ray.serve", "serving", "ray")
+        serve.delete(APP)
+        if address is None:
+            serve.shutdown()

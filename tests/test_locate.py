@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
+from levit_deploy.cli import app
 from levit_deploy.locate import locate
 
 pytest.importorskip("onnxruntime")
@@ -92,6 +95,12 @@ def test_a_fault_in_one_unit_is_named_and_the_files_are_only_read(variant, targe
     assert file_hashes(broken) == tampered
     before_unit = [c for c in report.checked if c.passed]
     assert all(c.worst_e_over_bound <= 1 for c in before_unit)
+    if (variant, target) == ("levit_128s", "onnx"):  # the command: JSON, exit codes
+        result = CliRunner().invoke(app, ["parity", str(broken), "--locate", "--json"])
+        assert result.exit_code == 1, result.output
+        located = json.loads(result.stdout)["locate"]
+        assert located["first_divergent"]["module"] == named and located["checked"]
+        assert CliRunner().invoke(app, ["parity", str(shipped), "--locate", "--json"]).exit_code == 0
 
 
 @pytest.mark.slow
