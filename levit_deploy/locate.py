@@ -103,24 +103,33 @@ def units_in_order(model: torch.nn.Module, patterns: tuple[str, ...], size: int)
 
 
 def cuts(graph: Graph, units: list[str]) -> tuple[list[Cut], list[str]]:
-    """The cut after each unit (the last unit's is the graph output); units the graph has no weights of are merged
-    into the next unit. Returns (cuts, merged units)."""
-    found, unmapped = [], []
-    for unit, following in zip(units, units[1:]):
-        tensor = graph.cut_before(following)
-        if tensor is None or tensor == graph.input:
+    """The cut after each unit (the last unit's is the graph output). A unit the graph has no weights of, or whose
+    entry is no single tensor, has no cut before it: it shares one cut with the unit before it ("a + b").
+    Returns (cuts, the units without a cut before them)."""
+    found, unmapped, span = [], [], [units[0]]
+    last = max(graph.owned(units[0]), default=-1)
+    for following in units[1:]:
+        tensor = graph.cut(last, following)
+        if tensor is None:
             unmapped.append(following)
-            continue
-        found.append(Cut(unit, following, tensor))
-    found.append(Cut(units[-1], None, graph.output))
-    # a unit whose next unit was folded away ends where the next mapped cut is
-    merged = []
+            span.append(following)
+        else:
+            found.append(Cut(" + ".join(span), following, tensor))
+            span = [following]
+        last = max([last, *graph.owned(following)])
+    found.append(Cut(" + ".join(span), None, graph.output))
+    return _merge(found), unmapped
+
+
+def _merge(found: list[Cut]) -> list[Cut]:
+    """Consecutive cuts at one tensor are one: the later unit names it."""
+    merged: list[Cut] = []
     for cut in found:
         if merged and merged[-1].tensor == cut.tensor:
             merged[-1] = cut
         else:
             merged.append(cut)
-    return merged, unmapped
+    return merged
 
 
 class _Judge:

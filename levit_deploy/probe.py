@@ -28,6 +28,7 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     params: list[str] = field(default_factory=list)  # parameter names, e.g. "stages.3.inner.qkv.weight"
+    shape_only: bool = False  # reads only its input's shape (ONNX Shape, OpenVINO ShapeOf): carries no values
 
 
 @dataclass
@@ -54,27 +55,32 @@ class Graph:
                     carried[t] = [*node.params, *inherited]
 
     def reachable_without(self, blocked: str) -> set[int]:
-        """Indices of the nodes the input reaches when tensor ``blocked`` carries nothing."""
+        """Indices of the nodes the input's values reach when tensor ``blocked`` carries nothing (shapes computed
+        from the input, for a dynamic batch, are not its values)."""
         live, reached = {self.input} - {blocked}, set()
         for i, node in enumerate(self.nodes):
-            if any(t in live for t in node.inputs):
+            if not node.shape_only and any(t in live for t in node.inputs):
                 reached.add(i)
                 live.update(t for t in node.outputs if t != blocked)
         return reached
 
-    def cut_before(self, unit: str) -> str | None:
-        """The latest tensor that every path from the input to ``unit``'s weights passes through, or None when no
-        node reads a weight of ``unit`` (folded into a neighbour)."""
+    def owned(self, unit: str) -> set[int]:
+        """Indices of the nodes that read a weight of ``unit`` (or of a module inside it)."""
         prefix = unit + "."
-        owned = {i for i, n in enumerate(self.nodes) if any(p.startswith(prefix) for p in n.params)}
-        if not owned:
+        return {i for i, n in enumerate(self.nodes) if any(p.startswith(prefix) for p in n.params)}
+
+    def cut(self, after: int, unit: str) -> str | None:
+        """The value that enters ``unit``: the first tensor from node ``after`` on (the last one that reads a weight
+        of the units before) that every path from the input to ``unit``'s weights passes through. None when no node
+        reads a weight of ``unit`` (folded into a neighbour) or no such tensor exists."""
+        owned = self.owned(unit)
+        if not owned or min(owned) <= after:
             return None
-        first = min(owned)
-        for i in range(first - 1, -1, -1):
+        for i in range(max(after, 0), min(owned)):
             for tensor in self.nodes[i].outputs:
                 if not owned & self.reachable_without(tensor):
                     return tensor
-        return self.input
+        return None
 
 
 class Probe:

@@ -280,8 +280,8 @@ class OnnxProbe(Probe):
     def graph(self) -> Graph:
         g = self.model.graph
         weights = {i.name for i in g.initializer}
-        nodes = [Node(n.name, list(n.input), list(n.output),
-                      [p for i in n.input if i in weights and (p := param_name(i))]) for n in g.node]
+        nodes = [Node(n.name, list(n.input), list(n.output), [p for i in n.input if i in weights and (p := param_name(i))],
+                      shape_only=n.op_type in ("Shape", "Size")) for n in g.node]
         return Graph(nodes, g.input[0].name, g.output[0].name)
 
     def prefix(self, tensor: str):

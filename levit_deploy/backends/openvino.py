@@ -218,7 +218,8 @@ class OpenVinoProbe(Probe):
                 result = inputs[0]
                 continue
             params = [p] if op.get_type_name() == "Constant" and (p := param_name(name)) else []
-            nodes.append(Node(name, inputs, [f"{name}:{i}" for i in range(op.get_output_size())], params))
+            nodes.append(Node(name, inputs, [f"{name}:{i}" for i in range(op.get_output_size())], params,
+                              shape_only=op.get_type_name() == "ShapeOf"))
         return Graph(nodes, self._tensor(self.model.get_parameters()[0].output(0)), result)
 
     def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
