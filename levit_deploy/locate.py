@@ -2,8 +2,8 @@
 
 The deployed model is a chain of units (the family's ``locate_units``: stem, blocks, head), and the shipped graph
 computes the same chain. The value *after* unit i is the input of unit i + 1; in the shipped graph it is the
-latest tensor that every path from the input to unit i + 1's weights passes through (a cut, found by name-free
-dominance from the parameter names the weights keep). A prefix of the shipped graph up to that tensor runs in
+first tensor after unit i's weights that every path from the input to unit i + 1's weights passes through (a cut,
+found by dominance from the parameter names the weights keep, see ``probe.Graph.cut``). A prefix of the shipped graph up to that tensor runs in
 the artifact's own runtime on a debug copy (the shipped files are only read); the fp64 reference and the floors
 at the same point come from the deployed model, with the output's floor-relative rule. A fault in unit k leaves
 every value before it as it was and moves every value after it, so bisection over the N cuts needs about
