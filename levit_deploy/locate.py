@@ -39,11 +39,16 @@ class LocateError(RuntimeError):
 
 @dataclass
 class Cut:
-    """The value after ``unit``: the input of ``next_unit`` (None: the model's output), ``tensor`` in the graph."""
+    """The value after ``unit``: the input of ``next_unit`` (None: the model's output); in the graph, one of
+    ``tensors`` (see probe.Graph.cuts), ``tensor`` once a run has told which."""
 
     unit: str
     next_unit: str | None
-    tensor: str
+    tensors: list[str]
+
+    @property
+    def tensor(self) -> str:
+        return self.tensors[-1]
 
 
 @dataclass
@@ -109,23 +114,23 @@ def cuts(graph: Graph, units: list[str]) -> tuple[list[Cut], list[str]]:
     found, unmapped, span = [], [], [units[0]]
     last = max(graph.owned(units[0]), default=-1)
     for following in units[1:]:
-        tensor = graph.cut(last, following)
-        if tensor is None:
+        tensors = graph.cuts(last, following)
+        if not tensors:
             unmapped.append(following)
             span.append(following)
         else:
-            found.append(Cut(" + ".join(span), following, tensor))
+            found.append(Cut(" + ".join(span), following, tensors))
             span = [following]
         last = max([last, *graph.owned(following)])
-    found.append(Cut(" + ".join(span), None, graph.output))
+    found.append(Cut(" + ".join(span), None, [graph.output]))
     return _merge(found), unmapped
 
 
 def _merge(found: list[Cut]) -> list[Cut]:
-    """Consecutive cuts at one tensor are one: the later unit names it."""
+    """Consecutive cuts at the same tensors are one: the later unit names it."""
     merged: list[Cut] = []
     for cut in found:
-        if merged and merged[-1].tensor == cut.tensor:
+        if merged and merged[-1].tensors == cut.tensors:
             merged[-1] = cut
         else:
             merged.append(cut)
@@ -139,15 +144,21 @@ class _Judge:
         self.deploy, self.reference, self.precision = deploy, reference, precision
         self.rule = INTERNAL_RULES[precision]
 
-    def __call__(self, cut: Cut, value: np.ndarray) -> ParityReport:
+    def __call__(self, cut: Cut, values: list[np.ndarray]) -> tuple[str, ParityReport]:
+        """(the tensor that holds the value after the unit, its report): of the candidate tensors with as many
+        values as the unit's input, the one closest to the reference (a wrong candidate, before or after a
+        weightless normalisation, is off by the order of the values themselves)."""
         ref = reference_outputs(self.deploy, self.reference.inputs, at=cut.next_unit)
+        fitting = [(t, v) for t, v in zip(cut.tensors, values) if v.shape == ref.shape]
+        if not fitting:
+            raise LocateError(f"no tensor of the graph before {cut.next_unit} holds its {ref.shape[1]} input values "
+                              f"per image ({', '.join(cut.tensors)}): the unit's boundary cannot be found")
         floors = floor_draws(self.deploy, self.reference.inputs, self.rule.floor_precision or self.precision,
                              at=cut.next_unit)
-        if value.shape != ref.shape:
-            raise LocateError(f"{cut.tensor} holds {value.shape[1]} values per input, the input of {cut.next_unit} "
-                              f"{ref.shape[1]}: the graph cut does not match the module boundary")
-        return compare_outputs(ref, value, self.precision, stage=f"after {cut.unit}", floors=floors,
-                               kinds=self.reference.kinds, names=self.reference.names, rule=self.rule)
+        reports = [(t, compare_outputs(ref, v, self.precision, stage=f"after {cut.unit}", floors=floors,
+                                       kinds=self.reference.kinds, names=self.reference.names, rule=self.rule))
+                   for t, v in fitting]
+        return min(reports, key=lambda tr: tr[1].worst_margin)
 
 
 def locate(artifact, images=None, status: Callable[[str], None] = lambda _: None) -> LocateReport:
@@ -177,7 +188,8 @@ def locate(artifact, images=None, status: Callable[[str], None] = lambda _: None
     while lo < hi:
         mid = (lo + hi) // 2
         status(f"prefix run {runs + 1}: the value after {found[mid].unit} …")
-        report = judge(found[mid], probe.run(found[mid].tensor, reference.inputs))
+        tensor, report = judge(found[mid], probe.run(found[mid].tensors, reference.inputs))
+        found[mid].tensors = [tensor]
         runs += 1
         checked[mid] = Checked.of(found[mid], report)
         lo, hi = (lo, mid) if not report.passed else (mid + 1, hi)

@@ -69,18 +69,19 @@ class Graph:
         prefix = unit + "."
         return {i for i, n in enumerate(self.nodes) if any(p.startswith(prefix) for p in n.params)}
 
-    def cut(self, after: int, unit: str) -> str | None:
-        """The value that enters ``unit``: the first tensor from node ``after`` on (the last one that reads a weight
-        of the units before) that every path from the input to ``unit``'s weights passes through. None when no node
-        reads a weight of ``unit`` (folded into a neighbour) or no such tensor exists."""
+    def cuts(self, after: int, unit: str, limit: int = 8) -> list[str]:
+        """The tensors that can hold the value entering ``unit``: from node ``after`` on (the last one that reads a
+        weight of the units before), each tensor that every path from the input to ``unit``'s weights passes
+        through, in order, at most ``limit``. Weights alone cannot tell which: a normalisation whose affine was
+        folded into the next linear reads none, so the boundary may lie before or after it; the caller picks by
+        value. Empty when no node reads a weight of ``unit`` (folded into a neighbour)."""
         owned = self.owned(unit)
         if not owned or min(owned) <= after:
-            return None
+            return []
+        found = []
         for i in range(max(after, 0), min(owned)):
-            for tensor in self.nodes[i].outputs:
-                if not owned & self.reachable_without(tensor):
-                    return tensor
-        return None
+            found += [t for t in self.nodes[i].outputs if not owned & self.reachable_without(t)]
+        return found[-limit:]
 
 
 class Probe:
@@ -90,6 +91,7 @@ class Probe:
     def graph(self) -> Graph:
         raise NotImplementedError
 
-    def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
-        """The value of ``tensor`` for ``inputs``, flattened to (N, D), from a prefix of the shipped graph."""
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+        """The values of ``tensors`` for ``inputs``, each flattened to (N, D), from one prefix of the shipped graph
+        that ends at them."""
         raise NotImplementedError

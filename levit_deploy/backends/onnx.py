@@ -284,35 +284,33 @@ class OnnxProbe(Probe):
                       shape_only=n.op_type in ("Shape", "Size")) for n in g.node]
         return Graph(nodes, g.input[0].name, g.output[0].name)
 
-    def prefix(self, tensor: str):
-        """A copy of the graph that ends at ``tensor``: the nodes it depends on, the initializers they read."""
+    def prefix(self, tensors: list[str]):
+        """A copy of the graph that ends at ``tensors``: the nodes they depend on, the initializers those read."""
         onnx = require("onnx", "--locate", "onnx")
         g = self.model.graph
         producer = {o: n for n in g.node for o in n.output}
-        needed, stack = set(), [tensor]
+        needed, stack = set(), list(tensors)
         while stack:
-            t = stack.pop()
-            node = producer.get(t)
+            node = producer.get(stack.pop())
             if node is not None and id(node) not in needed:
                 needed.add(id(node))
                 stack.extend(node.input)
         kept = [n for n in g.node if id(n) in needed]
         used = {i for n in kept for i in n.input}
-        out = onnx.helper.make_tensor_value_info(tensor, self.types.get(tensor, onnx.TensorProto.FLOAT), None)
-        graph = onnx.helper.make_graph(kept, "prefix", [g.input[0]], [out],
-                                       [i for i in g.initializer if i.name in used])
+        outs = [onnx.helper.make_tensor_value_info(t, self.types.get(t, onnx.TensorProto.FLOAT), None) for t in tensors]
+        graph = onnx.helper.make_graph(kept, "prefix", [g.input[0]], outs, [i for i in g.initializer if i.name in used])
         return onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
 
-    def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
         ort = BACKEND.require("--locate")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(self.prefix(tensor).SerializeToString(), sess_options=opts,
+        session = ort.InferenceSession(self.prefix(tensors).SerializeToString(), sess_options=opts,
                                        providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        outs = [session.run(None, {name: np.ascontiguousarray(inputs[i:i + 16])})[0]
-                for i in range(0, len(inputs), 16)]
-        return np.concatenate(outs).reshape(len(inputs), -1).astype(np.float64)
+        chunks = [session.run(None, {name: np.ascontiguousarray(inputs[i:i + 16])}) for i in range(0, len(inputs), 16)]
+        return [np.concatenate([c[k].reshape(len(c[k]), -1) for c in chunks]).astype(np.float64)
+                for k in range(len(tensors))]
 
 
 BACKEND = Backend(

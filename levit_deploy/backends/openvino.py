@@ -222,18 +222,20 @@ class OpenVinoProbe(Probe):
                               shape_only=op.get_type_name() == "ShapeOf"))
         return Graph(nodes, self._tensor(self.model.get_parameters()[0].output(0)), result)
 
-    def run(self, tensor: str, inputs: np.ndarray) -> np.ndarray:
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
         ov = BACKEND.require("--locate")
-        name, index = tensor.rsplit(":", 1)
-        op = next(o for o in self.model.get_ordered_ops() if o.get_friendly_name() == name)
-        prefix = ov.Model([op.output(int(index))], self.model.get_parameters(), "prefix")
+        ops = {o.get_friendly_name(): o for o in self.model.get_ordered_ops()}
+        outputs = [ops[name].output(int(index)) for name, index in (t.rsplit(":", 1) for t in tensors)]
+        prefix = ov.Model(outputs, self.model.get_parameters(), "prefix")
         compiled = shared_core().compile_model(prefix, self.runtime.ov_device, self.runtime.ov_config)
         request = compiled.create_infer_request()
-        outs = []
+        values: list[list[np.ndarray]] = [[] for _ in tensors]
         for i in range(0, len(inputs), 16):
-            request.infer({0: np.ascontiguousarray(inputs[i:i + 16])})
-            outs.append(np.array(request.get_output_tensor(0).data, dtype=np.float64).reshape(len(inputs[i:i + 16]), -1))
-        return np.concatenate(outs)
+            batch = np.ascontiguousarray(inputs[i:i + 16])
+            request.infer({0: batch})
+            for k in range(len(tensors)):
+                values[k].append(np.array(request.get_output_tensor(k).data, dtype=np.float64).reshape(len(batch), -1))
+        return [np.concatenate(v) for v in values]
 
 
 BACKEND = Backend(
