@@ -359,6 +359,9 @@ def _locate(artifact: str, images: Optional[Path], as_json: bool) -> None:
         print(f"{report.units} units in the graph; {report.prefix_runs} prefix runs (at most {report.max_runs})"
               + (f"; merged into the next unit (no weights in the graph): {', '.join(report.unmapped)}"
                  if report.unmapped else ""))
+        if report.int8_ranking:
+            print("int8 layers by error contribution (1 - cos when quantized alone): " + ", ".join(
+                f"{name} {score:.2g}" for name, score in report.int8_ranking[:8]))
         first = report.first_divergent
         print(f"first divergent unit: {first.unit} (worst e/bound {first.worst_e_over_bound:.3g} on {first.worst_input})"
               if first else "no unit diverges: the artifact passes")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -26,7 +26,8 @@ from .families import family_of
 from .fuse import fuse
 from .parity import ParityReport, Rule, RULES, compare, compare_outputs
 from .probe import Graph
-from .reference import ReferenceSet, build_reference_set, floor_draws, reference_outputs
+from .quantize import sensitivity
+from .reference import IMAGE_KINDS, ReferenceSet, build_reference_set, floor_draws, reference_outputs
 
 #: inside the model int8 is judged by cosine against the bf16 floor, as at the output; top-1 means nothing there
 INTERNAL_RULES = {**RULES, "int8": Rule(None, 0.99, None, floor_precision="bf16", factor=RULES["int8"].factor,
@@ -77,6 +78,9 @@ class LocateReport:
     checked: list[Checked]
     first_divergent: Checked | None
     unmapped: list[str]  # units whose weights no graph node reads (folded away): merged into the next one
+    #: int8: the quantized layers by their error contribution (1 - cos of the output when that layer alone is
+    #: quantized, quantize.sensitivity), largest first
+    int8_ranking: list[tuple[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "precision": self.precision, "units": self.units,
@@ -84,7 +88,8 @@ class LocateReport:
                 "first_divergent": None if self.first_divergent is None else {
                     "module": self.first_divergent.unit, "worst_e_over_bound": self.first_divergent.worst_e_over_bound,
                     "input": self.first_divergent.worst_input, "tensor": self.first_divergent.tensor},
-                "checked": [asdict(c) for c in self.checked]}
+                "checked": [asdict(c) for c in self.checked],
+                "int8_ranking": [{"layer": name, "one_minus_cos": score} for name, score in self.int8_ranking]}
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -196,4 +201,17 @@ def locate(artifact, images=None, status: Callable[[str], None] = lambda _: None
     checked.setdefault(len(found) - 1, Checked.of(found[-1], output))
     first = checked.get(lo) or Checked.of(found[lo], output)
     return LocateReport(str(folder), precision, len(found), runs, bound, output,
-                        [checked[i] for i in sorted(checked)], first, unmapped)
+                        [checked[i] for i in sorted(checked)], first, unmapped,
+                        _int8_ranking(manifest, deploy, reference, status) if precision == "int8" else [])
+
+
+def _int8_ranking(manifest: dict, deploy: torch.nn.Module, reference: ReferenceSet,
+                  status: Callable[[str], None]) -> list[tuple[str, float]]:
+    """The quantized layers ranked by how much error each adds alone, on the decoded images."""
+    layers = manifest["artifact"].get("quantization", {}).get("layers", [])
+    images = np.array([k in IMAGE_KINDS for k in reference.kinds])
+    if not layers or not images.any():
+        return []
+    status(f"int8: ranking {len(layers)} quantized layers by their error contribution …")
+    scores = sensitivity(deploy, reference.inputs[images], layers)
+    return sorted(scores.items(), key=lambda kv: -kv[1])

@@ -308,8 +308,9 @@ class OnnxProbe(Probe):
         session = ort.InferenceSession(self.prefix(tensors).SerializeToString(), sess_options=opts,
                                        providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        chunks = [session.run(None, {name: np.ascontiguousarray(inputs[i:i + 16])}) for i in range(0, len(inputs), 16)]
-        return [np.concatenate([c[k].reshape(len(c[k]), -1) for c in chunks]).astype(np.float64)
+        batches = [np.ascontiguousarray(inputs[i:i + 16]) for i in range(0, len(inputs), 16)]
+        chunks = [(len(b), session.run(None, {name: b})) for b in batches]  # a value may fold the batch into rows
+        return [np.concatenate([out[k].reshape(n, -1) for n, out in chunks]).astype(np.float64)
                 for k in range(len(tensors))]
 
 
