@@ -10,7 +10,7 @@ from torch import nn
 from conftest import trained_like_model, trained_like_reference
 from levit_deploy import fuse
 from levit_deploy.fuse import FusionError, fuse_checked
-from levit_deploy.families.levit import fusion as levit_fusion
+from levit_deploy.families import get_family
 from levit_deploy.families.levit import model as levit_mod
 from levit_deploy.parity import compare
 from levit_deploy.reference import ReferenceSet, build_reference_set
@@ -102,7 +102,8 @@ def test_parity_gate_catches_fusion_bugs(model_128s, reference_128s, monkeypatch
             model.head_dist = None
             model.head = model.head.fuse()
             return 1
-        monkeypatch.setattr(levit_fusion, "STEPS", levit_fusion.STEPS[:-1] + [("merge heads", drop_dist)])
+        levit = get_family("levit")
+        monkeypatch.setattr(levit, "steps", levit.steps[:-1] + [("merge heads", drop_dist)])
     with pytest.raises(FusionError) as e:
         fuse_checked(model_128s, reference_128s)
     report = e.value.report
