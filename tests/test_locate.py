@@ -128,3 +128,19 @@ def test_an_export_the_gate_refuses_names_where_it_diverges_with_locate_on_fail(
     report = json.loads((tmp_path / "located" / "parity-failed-onnx.json").read_text())
     assert report["locate"]["first_divergent"]["module"] == "stages.6"
     assert sorted(p.name for p in (tmp_path / "located").iterdir()) == ["parity-failed-onnx.json"]
+
+
+def test_int8_layers_are_ranked_by_their_error_contribution(model_128s):
+    """The int8 table's ranking: the quantized layers the manifest lists, most harmful first, on decoded images."""
+    from levit_deploy.fuse import fuse
+    from levit_deploy.locate import _int8_ranking
+    from levit_deploy.reference import build_reference_set
+
+    deploy = fuse(model_128s, check=False)
+    layers = ["head.linear", "stages.0.inner.qkv", "stages.12.kv"]
+    reference = build_reference_set(model_128s, noise=1, synthetic=0)
+    ranking = _int8_ranking({"artifact": {"quantization": {"layers": layers}}}, deploy, reference, lambda _: None)
+    assert sorted(name for name, _ in ranking) == sorted(layers)
+    scores = [score for _, score in ranking]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    assert _int8_ranking({"artifact": {}}, deploy, reference, lambda _: None) == []
