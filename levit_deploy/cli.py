@@ -394,10 +394,19 @@ def bench(targets: Annotated[List[str], typer.Argument(
           plot: Annotated[Optional[Path], typer.Option(
               help="Write the --sweep curve to this PNG (needs matplotlib).")] = None,
           images: ImagesOpt = None,
+          baseline: Annotated[Optional[Path], typer.Option(
+              help="An earlier `bench --json` output: each case is tested against the same case there "
+                   "(permutation test on per-round times; 'significantly faster/slower' needs p < 0.05 and a "
+                   "difference of at least 3 %).")] = None,
+          cold_start: Annotated[bool, typer.Option(
+              "--cold-start/--no-cold-start",
+              help="Also open each case in a fresh process after timing: cold start (open + first "
+                   "inference) and peak resident memory.")] = True,
           ema: EmaOpt = False,
           as_json: JsonOpt = False):
     """Time models side by side with the paper's protocol (1 thread, batch 16 on CPU): several variants,
-    of any families, in one run."""
+    of any families, in one run. Reports images/s with a bootstrap 95 % interval of the median, latency
+    percentiles, and per case the cold start and peak memory of a fresh process."""
     quiet_exporters()
     models, extra_images = targets or ["levit_128s"], [images] if images else ()
     if arch is not None:
@@ -410,10 +419,10 @@ def bench(targets: Annotated[List[str], typer.Argument(
         return
     protocol = Protocol(threads=threads, batch=batch, warmup_s=warmup, duration_s=duration, device=device,
                         precision=precision[0] if precision else ("fp16" if device.startswith("cuda") else "fp32"),
-                        precisions=list(precision))
+                        precisions=list(precision), cold_start=cold_start)
     documents, interrupted = run_guarded(as_json, run_bench, models, runtime, weights, init, protocol,
                                          max_batch if sweep_batches else None, plot, extra_images, status,
-                                         _entry(ema))
+                                         _entry(ema), baseline)
     if as_json:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2, default=str))
     else:

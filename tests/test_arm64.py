@@ -42,6 +42,7 @@ def test_native_code_path_runs_the_worker_with_the_presets(tmp_path, monkeypatch
     assert report["session_config"] == {"mlas.enable_gemm_fastmath_arm64_bfloat16": "1"}
 
 
+@pytest.mark.slow
 def test_native_torch_program_runs_with_the_environment(tmp_path):
     model = ld.load("levit_128s", init="random")
     program = arm64._torch_program(model, tmp_path)
@@ -52,6 +53,7 @@ def test_native_torch_program_runs_with_the_environment(tmp_path):
     assert compare_outputs(reference.outputs, logits, "bf16", floors=reference.floors("bf16")).passed
 
 
+@pytest.mark.slow
 def test_native_bench_document(monkeypatch):
     monkeypatch.setattr(arm64, "is_native", lambda: True)
     doc = arm64.bench_arm64(["levit_128s"], init="random", duration=0.3, batch=2, status=lambda m: None)

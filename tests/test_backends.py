@@ -129,6 +129,7 @@ def with_program_backend(monkeypatch):
     return PROGRAM
 
 
+@pytest.mark.slow
 def test_a_new_backend_is_one_descriptor_and_every_command_takes_it(with_program_backend, tmp_path, trained_128s_path):
     out = tmp_path / "pt2"
     result = runner.invoke(app, ["export", str(trained_128s_path), "--to", "pt2", "-o", "strict=false", "--out",

@@ -1,4 +1,4 @@
-"""bench: the protocol's bookkeeping, the side-by-side table, sweep, plot and Ctrl-C."""
+"""bench: the protocol's bookkeeping, the side-by-side table, cold starts, baselines, sweep, plot and Ctrl-C."""
 import dataclasses
 import json
 
@@ -12,7 +12,7 @@ from levit_deploy.cli import app
 from levit_deploy.reference import build_reference_set
 
 runner = CliRunner()
-FAST = ["--duration", "0.6", "--warmup", "0.2"]
+FAST = ["--duration", "0.6", "--warmup", "0.2", "--no-cold-start"]
 
 
 def test_percentiles():
@@ -29,7 +29,7 @@ def test_largest_power_of_two_batch():
 
 def test_side_by_side_table_and_json():
     result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "torch", "-r", "ort", "--batch",
-                                 "2", *FAST, "--json"])
+                                 "2", "--duration", "0.6", "--warmup", "0.2", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     labels = [r["label"] for r in doc["results"]]
@@ -37,6 +37,11 @@ def test_side_by_side_table_and_json():
     for r in doc["results"]:
         assert r["status"] == "ok" and r["images_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
         assert r["parity_passed"] and r["parity_margin"] <= 1 and r["calls"] >= 3
+        assert r["images_per_s_ci"][0] <= r["images_per_s"] <= r["images_per_s_ci"][1]
+        assert len(r["round_ms"]) >= 1 and r["cold_error"] is None
+        # each case reopened in a fresh process: its own open + first batch, and memory above the bare imports
+        assert r["cold_start_ms"] == pytest.approx(r["open_ms"] + r["first_ms"]) and r["first_ms"] > 0
+        assert r["peak_rss_mb"] > r["base_rss_mb"] > 50
     assert doc["results"][0]["speedup"] == pytest.approx(1.0)
     assert doc["protocol"]["threads"] == 1 and doc["protocol"]["batch"] == 2
     assert doc["machine"]["cpu"]["model"] and doc["results"][3]["size_mb"] > 1
@@ -45,6 +50,7 @@ def test_side_by_side_table_and_json():
     assert "speed-up" in text.output and "✅ ok" in text.output
 
 
+@pytest.mark.slow
 def test_bench_of_two_families_side_by_side_on_trained_like_artifacts(artifacts):
     """One JSON document per model, in the order given: what `bench lightvit_tiny levit_128s` measures (the
     shared table's layout is checked on format_table below)."""
@@ -119,3 +125,52 @@ def test_cuda_without_gpu_is_one_clear_line():
         pytest.skip("a GPU is present")
     result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "--device", "cuda", *FAST])
     assert result.exit_code == 2 and "PyTorch sees no CUDA GPU" in result.output
+
+
+def rounds_of(runtime_opener, threads: int, seconds: float = 2.5) -> dict:
+    protocol = bench.Protocol(threads=threads, batch=16, warmup_s=0.5, duration_s=seconds, cold_start=False)
+    results, _ = bench.run_cases([bench.BenchCase("ort plain", runtime_opener(threads), "ort")], None, protocol)
+    return bench.report_document(results, protocol, False, "levit_128s")
+
+
+@pytest.mark.alone  # timings compared across runs: `make test` runs it after the parallel part, on an idle machine
+def test_a_baseline_tells_a_rerun_from_a_real_speed_up(tmp_path):
+    from levit_deploy.backends.onnx import write_plain
+    path = write_plain(ld.load("levit_128s", init="random"), tmp_path / "plain")
+    opener = lambda threads: lambda: ld.open_runtime(path, None, "cpu", threads)  # noqa: E731
+    base_file = tmp_path / "base.json"
+    base_file.write_text(json.dumps(rounds_of(opener, 1)))
+    earlier = bench.read_baseline(base_file)
+    rerun, faster = rounds_of(opener, 1), rounds_of(opener, 2)
+    for doc in (rerun, faster):
+        bench.compare_with_baseline(doc, earlier, str(base_file))
+        assert doc["baseline"]["matched"] == 1
+    assert rerun["results"][0]["vs_baseline"]["verdict"] == "not significantly different", rerun["results"][0]
+    assert faster["results"][0]["vs_baseline"]["verdict"] == "significantly faster", faster["results"][0]
+    assert faster["results"][0]["vs_baseline"]["significant"] and faster["results"][0]["vs_baseline"]["ratio"] > 1
+    result = BenchResult(**faster["results"][0])
+    assert "significantly faster" in format_table([result]) and "p = " in format_table([result])
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("not json", "cannot read it as JSON"),
+    ('{"results": [{"label": "x"}]}', "expected the output of `levit-deploy bench --json`"),
+    ('{"model": "levit_128s", "results": [{"label": "x"}]}', "no case in it has per-round times"),
+])
+def test_a_baseline_that_is_not_a_bench_run_is_one_line_before_anything_runs(tmp_path, content, expected):
+    path = tmp_path / "baseline.json"
+    path.write_text(content)
+    result = runner.invoke(app, ["bench", "levit_128s", "--init", "random", "-r", "ort", *FAST, "--baseline",
+                                 str(path)])
+    assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
+    assert "img/s" not in result.output  # refused before measuring
+
+
+def test_a_cold_start_probe_that_fails_leaves_the_timing_and_says_why(tmp_path):
+    model = ld.load("levit_128s", init="random")
+    missing = tmp_path / "gone.onnx"
+    case = bench.BenchCase("torch", lambda: ld.open_runtime(model, "torch"), "torch",
+                           cold={"artifact": str(missing)})
+    results, _ = bench.run_cases([case], None, bench.Protocol(batch=1, warmup_s=0, duration_s=0.2))
+    assert results[0].status == "ok" and results[0].images_per_s > 0 and results[0].cold_start_ms is None
+    assert "gone.onnx" in results[0].cold_error and "no cold start" in bench.format_table(results)

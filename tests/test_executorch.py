@@ -17,6 +17,7 @@ pytest.importorskip("executorch", reason="executorch not installed: pip install 
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_fp32_program_passes_the_gate_on_a_trained_like_checkpoint_and_records_its_pieces(artifacts):
     artifact = artifacts("levit_128s", "executorch")
     m = artifact.manifest
@@ -59,6 +60,7 @@ def test_parity_predict_and_val_take_a_pte_like_any_artifact(artifacts, tmp_path
     assert row["top1"] == 1.0 and row["differ"] == 0
 
 
+@pytest.mark.slow
 def test_a_fixed_batch_program_lowers_into_few_pieces_and_refuses_another_batch(tmp_path):
     artifact = ld.export(trained_like_model("levit_128s"), "executorch", tmp_path / "fixed", batch=2)
     et = artifact.manifest["artifact"]["executorch"]

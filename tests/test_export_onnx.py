@@ -20,7 +20,7 @@ from levit_deploy.reference import build_reference_set, random_inputs
 
 from conftest import copy_artifact, trained_like_checkpoint, trained_like_hf, trained_like_reference
 from layouts_ref import to_timm
-from variants import EVERY_FAMILY_SMALLEST
+from variants import SMALLEST_LEVIT_FIRST
 
 runner = CliRunner()
 
@@ -31,7 +31,7 @@ def exported_128s(model_128s, reference_128s, artifact_128s):
     return model_128s, artifact_128s("onnx"), reference_128s
 
 
-@pytest.mark.parametrize("name", EVERY_FAMILY_SMALLEST)
+@pytest.mark.parametrize("name", SMALLEST_LEVIT_FIRST)
 def test_every_variant_of_every_family_exports_and_matches_in_ort(artifacts, name):
     reference = trained_like_reference(name)
     artifact = artifacts(name, "onnx")
@@ -69,6 +69,7 @@ def test_cli_export_from_each_layout(tmp_path, layout):
         assert compare(reference, rt, "fp32").passed
 
 
+@pytest.mark.slow
 def test_cli_export_of_the_shared_trained_like_checkpoint(tmp_path, shared_checkpoint):
     """What a new user runs first, on the project's yardstick: exit 0, per-kind report, no traceback."""
     result = runner.invoke(app, ["export", str(shared_checkpoint), "--to", "onnx", "--out", str(tmp_path / "a")])
@@ -229,6 +230,7 @@ def test_other_image_sizes_and_bad_options_are_refused(exported_128s, tmp_path):
     assert result.exit_code == 2 and "224x224 only" in result.output
 
 
+@pytest.mark.slow
 def test_static_batch_and_fp16(exported_128s, tmp_path):
     model, _, reference = exported_128s
     static = ld.export(model, "onnx", tmp_path / "b4", batch=4, reference=reference)

@@ -121,6 +121,7 @@ def test_a_scaled_weight_is_caught_and_rounding_noise_is_not(model_128s, referen
     assert compare(reference_128s, deploy, "fp32").passed is not caught
 
 
+@pytest.mark.slow
 def test_a_gate_without_well_conditioned_inputs_says_so_and_user_images_fix_it():
     """LeViT-384 calibrated on smooth images: every default input is ill-conditioned for it, so the
     report says the gate is weak; images like its calibration data (--images) make it strict again."""

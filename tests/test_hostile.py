@@ -307,6 +307,7 @@ def test_export_refuses_a_folder_with_other_files(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_killed_export_leaves_the_previous_artifact_whole_and_its_staging_is_cleaned(tmp_path, artifact_128s):
     """SIGKILL while the new artifact is staged: the folder is the old artifact, byte for byte, and it verifies;
     the next export removes the killed one's staging folder, and publishes all files at once."""

@@ -179,6 +179,7 @@ def _double_one_activation_scale(folder):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_a_doubled_quantization_scale_is_refused(ort_int8, in_distribution, tmp_path):
     broken = shutil.copytree(ort_int8, tmp_path / "broken")
     _double_one_activation_scale(broken)
@@ -213,6 +214,7 @@ def test_the_same_recipe_gives_the_same_artifact(ort_int8, in_distribution, tmp_
     assert (again / "model.onnx").read_bytes() == (ort_int8 / "model.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_recipe_naming_an_unknown_layer_is_one_line(tmp_path):
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--precision", "int8",
                                  "-o", "keep_float=stages.99.nope", "--out", str(tmp_path / "x")])

@@ -19,7 +19,7 @@ from levit_deploy.preprocess import bundled_photos
 
 from conftest import trained_like_model, trained_like_reference, trained_like_state_dict
 from lightvit_ref import lightvit_logits
-from variants import LIGHTVIT, LIGHTVIT_SMALLEST
+from variants import LIGHTVIT
 
 runner = CliRunner()
 FAMILY = get_family("lightvit")
@@ -160,7 +160,7 @@ def test_fusion_bugs_are_caught(monkeypatch, bug):
     assert not e.value.report.passed
 
 
-@pytest.mark.parametrize("variant", LIGHTVIT_SMALLEST)
+@pytest.mark.parametrize("variant", LIGHTVIT)
 def test_the_onnx_graph_is_clean_and_its_batch_dynamic(artifacts, variant):
     """The official code's traps: its window_reverse froze the batch in a trace, and its MaxPool3d on a
     4-D tensor exports to a 3-D MaxPool ONNX Runtime refuses. (Parity at batch 1, 7 and 32 runs for every

@@ -221,6 +221,7 @@ def test_fusion_bugs_are_caught(monkeypatch, bug):
     assert not e.value.report.passed
 
 
+@pytest.mark.slow
 def test_onnx_and_openvino_artifacts_hold_only_standard_ops_and_record_the_deformable_form(artifacts):
     onnx_art, ov_art = artifacts("litv2_s", "onnx"), artifacts("litv2_s", "openvino")
     assert onnx_art.manifest["model"]["implementation_choices"] == {"deformable_conv": DEFORM_METHOD["onnx"]}

@@ -31,6 +31,7 @@ def test_openvino_fp32_every_variant_passes_the_fp32_rule(artifacts, name):
     assert art.manifest["artifact"]["ir_weights"] == "fp32"
 
 
+@pytest.mark.slow
 def test_openvino_fp16_passes_its_rule_and_is_half_the_size(tmp_path, model_128s, reference_128s, artifact_128s):
     fp32 = artifact_128s("openvino")
     fp16 = ld.export(model_128s, "openvino", tmp_path / "16", precision="fp16", reference=reference_128s)

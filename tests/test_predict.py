@@ -131,6 +131,7 @@ def test_folder_with_every_mode_and_every_bad_input(folder, tmp_path):
     assert len(rows) == len(by_name) and {r["status"] for r in rows} == {"ok", "error"}
 
 
+@pytest.mark.slow
 def test_every_installed_runtime_agrees_with_the_fp64_reference(folder, trained_128s_path):
     """A trained-like checkpoint through every runtime, on real photos and on images in every PIL mode.
 
@@ -181,6 +182,7 @@ def test_streams_in_bounded_batches(folder, monkeypatch):
     assert max(sizes) == 4 and sum(sizes) == 3 * len(good)
 
 
+@pytest.mark.slow
 def test_labels(tmp_path):
     names = imagenet_labels()
     assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
@@ -222,6 +224,7 @@ def test_default_runtime_exports_once_into_the_cache(tmp_path, fresh_cache, monk
     assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_artifact_cache_is_keyed_by_the_weights(fresh_cache):
     import torch
 

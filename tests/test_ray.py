@@ -78,6 +78,7 @@ def test_ray_data_gives_predicts_rows_and_bad_images_are_rows_with_errors(local_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_cli_predict_on_ray_writes_parquet_and_exits_1_for_bad_images(local_ray, folder, artifact_128s, tmp_path):
     result = runner.invoke(app, ["predict", str(folder / "good"), str(folder / "text.jpg"), "--ray", "--model",
                                  str(artifact_128s("onnx").folder), "--output", str(tmp_path / "p"), "--json"])
