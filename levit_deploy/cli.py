@@ -1,6 +1,6 @@
 """The ``levit-deploy`` command: argument handling and printing only; the work is in the library.
 
-Commands: info, export, parity, bench, predict, val, serve, triton, backends, arm64 setup, version. Expected
+Commands: info, export, parity, bench, optimize, predict, val, serve, triton, backends, arm64 setup, version. Expected
 failures print one line: exit 1 when a gate failed (parity, some images), exit 2 for bad input or environment.
 Options that several commands take are declared once, as the ``...Opt`` aliases below.
 """
@@ -27,6 +27,7 @@ from .families import all_variants, families, family_of
 from .families.base import count_parameters
 from .fuse import FusionError
 from .locate import LocateError, locate as locate_divergence
+from .optimize import format_summary as format_optimize, optimize as run_optimize
 from .parity import ParityReport
 from .parity_chain import run_chain
 from .predict import Predictor, artifact_folder, write_csv
@@ -442,6 +443,43 @@ def _print_bench(documents: list[dict], protocol: Protocol, interrupted: bool) -
     for doc in documents:
         if doc.get("plot"):
             status(f"plot written to {doc['plot']}")
+
+
+@app.command()
+def optimize(model: ModelArg,
+             weights: WeightsOpt = None,
+             init: InitOpt = "pretrained",
+             calib: Annotated[Optional[Path], typer.Option(help=CALIB_HELP)] = None,
+             images: ImagesOpt = None,
+             objective: Annotated[str, typer.Option(
+                 help="throughput (batch 16, the paper's protocol) or latency (batch 1, lowest median).")
+             ] = "throughput",
+             targets: Annotated[List[str], typer.Option(
+                 help="Export targets to try (repeat or comma-separate) [default: every one that runs here].")] = [],
+             precisions: Annotated[List[str], typer.Option(
+                 help="fp32, bf16 (fp32 artifact computed in bf16, where the CPU has it), int8 (with the "
+                      "float-fallback remedy) [default: all three; those that cannot run here are left out].")] = [],
+             out: Annotated[Path, typer.Option(
+                 help="Output folder: best/ (the chosen artifact), candidates/, report.md/.png/.json.")] = Path(
+                 "optimized"),
+             duration: Annotated[float, typer.Option(help="Timed seconds per candidate (interleaved).")] = 10.0,
+             threads: Annotated[int, typer.Option(help="Threads per runtime (the paper: 1 on CPU).")] = 1,
+             ema: EmaOpt = False,
+             as_json: JsonOpt = False):
+    """Find the fastest artifact that passes its gate on this machine: export and gate every target x precision
+    that runs here, time the passing ones side by side with PyTorch eager as the baseline, keep the fastest, and
+    write a report (table, plot of speed against accuracy, JSON)."""
+    quiet_exporters()
+    split = lambda values: [v.strip() for value in values for v in value.split(",") if v.strip()]  # noqa: E731
+    with Progress("candidates") as progress:
+        result = run_guarded(as_json, run_optimize, model, out, weights=weights, init=init, entry=_entry(ema),
+                             calib=calib, images=[images] if images else (), objective=objective,
+                             targets=split(targets) or None, precisions=split(precisions) or None,
+                             duration=duration, threads=threads, command=" ".join(["levit-deploy", *sys.argv[1:]]),
+                             status=status, progress=progress)
+    print(json.dumps(result.to_dict(), indent=2, default=str) if as_json else format_optimize(result))
+    if result.best is None or result.interrupted:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()

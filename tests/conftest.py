@@ -21,6 +21,7 @@ from layouts_ref import hf_model, hf_state_dict, to_official, write_layout  # no
 from trained_like import make_trained_like_  # noqa: E402
 
 SHARED_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "levit_128s_trained_like.pth"
+IN_DISTRIBUTION = SHARED_CHECKPOINT.parent / "in_distribution"
 PERSISTENT_CACHE = Path(os.environ.get("LEVIT_DEPLOY_TEST_CACHE", Path(__file__).parent / ".cache"))
 FIXTURES: dict[str, Path] = {}  # "dir": the session's folder for checkpoint files (set by session_cache)
 
@@ -218,6 +219,14 @@ def int8_photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8-photos")
     return (write_images(root / "calib", photo_crops(OTHER_PHOTOS, 6, seed=1)),
             write_images(root / "judge", photo_crops(GATE_PHOTOS, 3, seed=2)))
+
+
+@pytest.fixture(scope="session")
+def in_distribution():
+    """The shared in-distribution yardstick's folder (checkpoint, calib/, images/), when this checkout has it."""
+    if not (IN_DISTRIBUTION / "levit_128s_in_distribution.pth").is_file():
+        pytest.skip(f"{IN_DISTRIBUTION} is not present in this checkout")
+    return IN_DISTRIBUTION
 
 
 @pytest.fixture(scope="session")

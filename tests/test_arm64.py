@@ -28,6 +28,7 @@ def test_presets_are_named_and_recorded():
     assert recorded["environment"]["DNNL_DEFAULT_FPMATH_MODE"] == "BF16" and recorded["parity_precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_native_code_path_runs_the_worker_with_the_presets(tmp_path, monkeypatch):
     """The native path (worker in a subprocess with the presets) exercised on this host's CPU."""
     model = ld.load("levit_128s", init="random")

@@ -16,6 +16,7 @@ on_mac = platform.system() == "Darwin"
 coreml = pytest.importorskip("coremltools", reason="coremltools not installed: pip install 'levit-deploy[coreml]'")
 
 
+@pytest.mark.slow  # 17 s for LeViT-128S; the image-input test below runs in make test
 @pytest.mark.parametrize("name", SMALLEST_LEVIT_FIRST)
 def test_coreml_every_variant_converts_and_validates(tmp_path, artifacts, name):
     packages = [(artifacts(name, "coreml"), ["pixel_values"], ["logits"])]

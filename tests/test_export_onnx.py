@@ -114,6 +114,7 @@ def test_tampered_artifact_is_refused(exported_128s, tmp_path):
     assert result.exit_code == 2 and "does not match the manifest" in result.output
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported_128s, tmp_path, monkeypatch):
     model, good, reference = exported_128s
     out = tmp_path / "out"
@@ -156,6 +157,7 @@ def test_parity_failure_exits_nonzero_and_keeps_no_artifact(tmp_path, monkeypatc
     assert json.loads((tmp_path / "bad" / "parity-failed-onnx.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_cli_parity_failure_exit_code(tmp_path, monkeypatch):
     import levit_deploy.backends.onnx as onnx_exporter
     real = onnx_exporter._torch_export

@@ -73,6 +73,7 @@ def test_int8_gate_rejects_quantized_convolutions_on_lightvit(tmp_path, int8_pho
     assert not (tmp_path / "bad" / "model.onnx").exists() and (tmp_path / "bad" / "parity-failed-onnx.json").exists()
 
 
+@pytest.mark.slow
 def test_int8_of_an_ill_conditioned_checkpoint_is_refused_with_the_reason(tmp_path, int8_photos):
     """Shifted trained-like LeViT fixtures amplify rounding so much that the original model in bf16 agrees with fp64
     on about half the photos: the plain int8 artifact is refused and the report says why (the search for layers to

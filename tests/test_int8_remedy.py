@@ -16,14 +16,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 import levit_deploy as ld
-from conftest import SHARED_CHECKPOINT
 from levit_deploy.cli import app
 from levit_deploy.families import spec_for_model
 from levit_deploy.parity import compare_outputs
 from levit_deploy.quantize import fit_to_gate, sensitivity
 
 runner = CliRunner()
-IN_DISTRIBUTION = SHARED_CHECKPOINT.parent / "in_distribution"
 #: what the search chose for ORT on the in-distribution yardstick (levit-deploy export ... --to onnx --precision
 #: int8 --calib calib --images images): 8 of 47 layers, after 0, 1, 2 and 4 failed
 ORT_RECIPE = ("head.linear,stages.4.proj,stages.4.kv,stages.12.kv,stages.12.proj,stages.0.inner.qkv,"
@@ -127,13 +125,6 @@ def test_int8_rule_is_relative_to_the_models_own_bf16_floor():
     flipped = np.stack([ref[:, ::-1]] * 5)  # every draw flips top-1: no decisive image
     r = compare_outputs(ref, ref, "int8", floors=flipped, kinds=["photos"] * 4)
     assert not r.passed and "decisive" in r.failures[-1]
-
-
-@pytest.fixture(scope="module")
-def in_distribution():
-    if not (IN_DISTRIBUTION / "levit_128s_in_distribution.pth").is_file():
-        pytest.skip(f"{IN_DISTRIBUTION} is not present in this checkout")
-    return IN_DISTRIBUTION
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ def official_checkpoint(folder, variant, cfg_class=None, **extra):
     return path
 
 
+@pytest.mark.slow  # 31 s even for LITv2-S: make test-all
 @pytest.mark.parametrize("variant", LITV2)
 def test_official_checkpoints_load_strictly_and_match_an_independent_implementation(tmp_path, variant, yacs_module,
                                                                                     monkeypatch):

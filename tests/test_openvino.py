@@ -59,6 +59,7 @@ def test_openvino_runtime_honours_threads_and_records_precision(reference_128s, 
             assert not compare(reference_128s, rt, "fp32").passed  # really ran in bf16
 
 
+@pytest.mark.slow
 def test_bench_and_parity_show_openvino(artifact_128s):
     folder = artifact_128s("openvino").folder
     result = runner.invoke(app, ["parity", str(folder), "--json"])

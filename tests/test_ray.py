@@ -57,6 +57,7 @@ def reference_predictions(artifact_folder, paths):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_ray_data_gives_predicts_rows_and_bad_images_are_rows_with_errors(local_ray, folder, artifact_128s, tmp_path):
     from levit_deploy.ray_predict import predict_on_ray, read_results
 
