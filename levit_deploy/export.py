@@ -28,8 +28,8 @@ from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
 from .locate import locate
-from .parity import ParityReport, compare, judge
-from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate, simulate
+from .parity import ParityReport, compare
+from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate
 from .reference import ReferenceSet, build_reference_set
 
 __all__ = ["export", "cached_export", "ExportError", "ExportParityError", "ExportOptions"]
@@ -222,8 +222,7 @@ def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportO
         result, report, layers = attempt(recipe)
         outcome = Outcome(result, recipe, layers + list(recipe), passed=report.passed)
     else:
-        outcome = fit_to_gate(attempt, model, opts.calibration.inputs, opts.target.max_float_fraction, status,
-                              predictor=_predictor(model, opts.calibration.inputs, reference))
+        outcome = fit_to_gate(attempt, model, opts.calibration.inputs, opts.target.max_float_fraction, status)
     staged, report = outcome.result
     staged.details["quantization"]["recipe"] = outcome.describe()
     status(f"int8: {outcome.summary()}")
@@ -233,15 +232,6 @@ def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportO
                             f"first, up to the cap (-o max_float_fraction={opts.target.max_float_fraction:g}); none "
                             f"passed: deploy in fp32 or bf16, or raise the cap")
     return staged, report
-
-
-def _predictor(model: torch.nn.Module, calibration_inputs: np.ndarray, reference: ReferenceSet):
-    """quantized layers -> predict(keep_float): would the gate pass that int8 model, simulated in PyTorch? (the
-    search's first guess; the gate still judges every real attempt)."""
-    def predictor(quantized: list[str]):
-        outputs = simulate(model, calibration_inputs, quantized)
-        return lambda keep: judge(reference, outputs(keep, reference.inputs), "int8").passed
-    return predictor
 
 
 def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -> StagedArtifact:

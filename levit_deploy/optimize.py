@@ -154,8 +154,10 @@ def _export_all(model, candidates: list[Candidate], folder: Path, reference, cal
         progress(i, len(pending))
         status(f"[{i + 1}/{len(pending)}] {cand.name}: exporting and gating …")
         started = time.perf_counter()
+        recipes = [c.kept_float for c in candidates if c.precision == "int8" and c.status == "passed" and c.kept_float]
         try:
-            _export_one(model, cand, folder / f"{cand.target}-{cand.precision}", reference, calibration, status)
+            _export_one(model, cand, folder / f"{cand.target}-{cand.precision}", reference, calibration, status,
+                        recipes[0] if recipes and cand.precision == "int8" else None)
         except KeyboardInterrupt:
             for rest in pending[i:]:
                 rest.status, rest.reason = "interrupted", "Ctrl-C before it was exported"
@@ -167,12 +169,28 @@ def _export_all(model, candidates: list[Candidate], folder: Path, reference, cal
     return False
 
 
-def _export_one(model, cand: Candidate, folder: Path, reference, calibration, status) -> None:
-    """Export (bf16: the fp32 artifact, judged again as computed in bf16); the candidate records the verdict."""
+def _export_one(model, cand: Candidate, folder: Path, reference, calibration, status,
+                recipe: list[str] | None = None) -> None:
+    """Export (bf16: the fp32 artifact, judged again as computed in bf16); the candidate records the verdict.
+    int8 with ``recipe`` (the layers an earlier int8 candidate kept in float): that recipe is replayed first —
+    one attempt instead of a search of five to eight, each a minute or more — and searched only if refused."""
     export_precision = "fp32" if cand.precision == "bf16" else cand.precision
+    int8 = {"calibration": calibration} if export_precision == "int8" else {}
     try:
-        artifact = export(model, cand.target, folder, precision=export_precision, reference=reference,
-                          calibration=calibration if export_precision == "int8" else None, status=status)
+        if recipe:
+            try:
+                status(f"{cand.name}: replaying the recipe of an earlier int8 candidate ({len(recipe)} layers in "
+                       "float) before searching")
+                artifact = export(model, cand.target, folder, precision="int8", reference=reference, status=status,
+                                  keep_float=",".join(recipe), **int8)
+                cand.reason = f"recipe replayed from an earlier int8 candidate ({len(recipe)} layers in float)"
+            except (ExportParityError, ExportError) as e:
+                status(f"{cand.name}: the replayed recipe did not pass ({str(e).splitlines()[0][:120]}); searching")
+                artifact = export(model, cand.target, folder, precision="int8", reference=reference, status=status,
+                                  **int8)
+        else:
+            artifact = export(model, cand.target, folder, precision=export_precision, reference=reference,
+                              status=status, **int8)
     except ExportParityError as e:
         cand.status, cand.reason = "refused", _first_failure(e.report)
         return
@@ -190,7 +208,7 @@ def _export_one(model, cand: Candidate, folder: Path, reference, calibration, st
             cand.status, cand.reason = "refused", _first_failure(report)
             return
         parity = report.to_dict()
-    cand.status, cand.artifact = "passed", str(folder)
+    cand.status, cand.artifact = "passed", str(folder)  # a replayed recipe keeps its note in ``reason``
     cand.size_mb = artifact.manifest["artifact"]["size_bytes"] / 1e6
     cand.worst_cos, cand.worst_e_over_bound = parity.get("min_cosine"), parity.get("worst_margin")
     cand.top1_agreement = parity.get("top1_agreement")
@@ -285,8 +303,10 @@ def _markdown(result: OptimizeResult, doc: dict) -> str:
                  if best else "**Nothing chosen**: no candidate both passed its gate and was timed.")
     lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
-    reasons = [f"- {c.name}: {c.status}: {c.reason}" for c in result.candidates if c.reason and c.status != "baseline"]
-    kept = [f"- {c.name} keeps in float: {', '.join(c.kept_float)}" for c in result.candidates if c.kept_float]
+    reasons = [f"- {c.name}: {c.status}: {c.reason}" for c in result.candidates
+               if c.reason and c.status not in ("baseline", "passed")]
+    kept = [f"- {c.name} keeps in float: {', '.join(c.kept_float)}" + (f" ({c.reason})" if c.reason else "")
+            for c in result.candidates if c.kept_float]
     lines += ["", "Refusals and skips (never chosen):" if reasons else "", *reasons, *kept, *(f"- {n}" for n in result.notes)]
     lines += ["", "img/s: median of the interleaved run with its bootstrap 95 % interval; cold: a fresh process "
               "opening the artifact and running one batch; worst cos and e/bound: the export's parity gate (int8: "
@@ -337,7 +357,7 @@ def format_summary(result: OptimizeResult) -> str:
     lines = [text_table(table_rows(result.candidates))]
     lines += [f"{c.name}: {c.reason}" for c in result.candidates if c.reason and c.status not in ("baseline", "passed")]
     lines += [f"{c.name} keeps {len(c.kept_float)} layer(s) in float: {', '.join(c.kept_float)}"
-              for c in result.candidates if c.kept_float]
+              + (f" ({c.reason})" if c.reason else "") for c in result.candidates if c.kept_float]
     lines += result.notes
     if result.best:
         lines.append(f"chosen: {result.best.name}, {result.best.images_per_s:.1f} img/s -> {result.out_dir / 'best'}")

@@ -10,9 +10,7 @@ weights, its input activation uint8 per-tensor with the MinMax range seen on the
 the layers; the gate decides. When a plain int8 artifact fails, :func:`fit_to_gate` keeps the most sensitive
 layers in float in growing steps (1, 2, 4, … layers) until the gate passes or the cap (default 25 % of the
 quantized layers) is reached, bisects between the last failing and the first passing step for the fewest, and says
-what it tried. Each step builds and gates a real artifact (a minute or more for ExecuTorch on 2 cores), so the
-search can first *predict* where to start: :func:`simulate` fake-quantizes all the layers at once in PyTorch, and
-the smallest number the simulated model needs to pass the gate is tried first, then one fewer.
+what it tried.
 """
 from __future__ import annotations
 
@@ -97,16 +95,13 @@ class Outcome:
 
 def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[str]]], model: nn.Module,
                 calibration_inputs: np.ndarray, max_fraction: float = MAX_FLOAT_FRACTION,
-                progress: Callable[[str], None] = lambda _: None,
-                predictor: Callable[[list[str]], Callable[[tuple[str, ...]], bool]] | None = None) -> Outcome:
+                progress: Callable[[str], None] = lambda _: None) -> Outcome:
     """Search the fewest layers to keep in float for the gate to pass.
 
     ``attempt(keep_float)`` writes and gates an artifact and returns (result, report, quantized layer paths).
     The plain artifact first; if it fails, layers ranked by :func:`sensitivity` are kept in float in steps of
     1, 2, 4, … up to ``max_fraction`` of the quantized layers, then bisected between the last failing and the first
-    passing step. ``predictor(quantized)`` gives ``predict(keep_float)``, a cheap guess whether an attempt would
-    pass (the gate on :func:`simulate`'s outputs): the first step moves to the fewest layers it says pass, and the
-    step after a pass to one fewer. Returns the passing attempt with the fewest layers in float, or the last attempt.
+    passing step. Returns the passing attempt with the fewest layers in float, or the last attempt.
     """
     result, report, quantized = attempt(())
     outcome = Outcome(result, (), quantized, [_attempt((), report)], passed=report.passed)
@@ -127,20 +122,14 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
             outcome.result, outcome.keep_float, outcome.passed = result, keep, report.passed
         return report.passed
 
-    start = _predicted_start(predictor(quantized), ranked, cap, progress) if predictor else 1
     failing = 0
-    for k in _steps(cap, start):
+    for k in _steps(cap):
         if keep_most_sensitive(k):
             break
         failing = k
     else:
         return outcome
     passing = len(outcome.keep_float)
-    if start > 1 and passing == start and passing - failing > 1:  # a right prediction is confirmed by one attempt
-        if keep_most_sensitive(passing - 1):
-            passing -= 1
-        else:
-            failing = passing - 1
     while passing - failing > 1:  # the first passing step may keep more than needed: bisect down to the fewest
         middle = (passing + failing) // 2
         if keep_most_sensitive(middle):
@@ -150,28 +139,10 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
     return outcome
 
 
-def _steps(cap: int, start: int = 1) -> list[int]:
-    """start, 2·start, 4·start, … below ``cap``, then ``cap``."""
-    steps = [start * 2 ** i for i in range(cap.bit_length()) if start * 2 ** i < cap]
+def _steps(cap: int) -> list[int]:
+    """1, 2, 4, … below ``cap``, then ``cap``."""
+    steps = [2 ** i for i in range(cap.bit_length()) if 2 ** i < cap]
     return steps + [cap]
-
-
-def _predicted_start(predict: Callable[[tuple[str, ...]], bool], ranked: list[str], cap: int,
-                     progress: Callable[[str], None]) -> int:
-    """The fewest of the most sensitive layers that ``predict`` says pass (bisected, as if monotone); 1 when it
-    says that even ``cap`` of them do not (then it cannot guide the search)."""
-    if not predict(tuple(ranked[:cap])):
-        progress(f"simulated int8 fails even with {cap} layers in float: searching from 1")
-        return 1
-    failing, passing = 0, cap
-    while passing - failing > 1:
-        middle = (passing + failing) // 2
-        if predict(tuple(ranked[:middle])):
-            passing = middle
-        else:
-            failing = middle
-    progress(f"simulated int8 passes with {passing} layer(s) in float: trying that first")
-    return passing
 
 
 def _attempt(keep: tuple[str, ...], report) -> Attempt:
@@ -207,39 +178,6 @@ def sensitivity(model: nn.Module, inputs: np.ndarray, layers: list[str]) -> dict
             layer.weight.copy_(weight)
         scores[name] = float((1 - torch.nn.functional.cosine_similarity(out, reference, dim=1)).mean())
     return scores
-
-
-@torch.no_grad()
-def simulate(model: nn.Module, calibration_inputs: np.ndarray, quantized: list[str]
-             ) -> Callable[[tuple[str, ...], np.ndarray], np.ndarray]:
-    """``outputs(keep_float, inputs)``: the model's outputs with every layer of ``quantized`` but ``keep_float``
-    quantized as :func:`sensitivity` quantizes one (activation ranges from the calibration images, measured once)."""
-    model = model.eval()
-    modules = dict(model.named_modules())
-    layers = {name: modules[name] for name in quantized}
-    calib = torch.from_numpy(np.ascontiguousarray(calibration_inputs[:SENSITIVITY_IMAGES], dtype=np.float32))
-    ranges = _input_ranges(model, calib, list(layers.values()))
-    weights = {name: _fake_quant_weight(layer.weight.detach()) for name, layer in layers.items()}
-
-    @torch.no_grad()
-    def outputs(keep_float: tuple[str, ...], inputs: np.ndarray) -> np.ndarray:
-        active = [name for name in layers if name not in keep_float and layers[name] in ranges]
-        saved = {name: layers[name].weight.detach().clone() for name in active}
-        handles = []
-        for name in active:
-            lo, hi = ranges[layers[name]]
-            handles.append(layers[name].register_forward_pre_hook(
-                lambda _, args, lo=lo, hi=hi: (_fake_quant_uint8(args[0], lo, hi),)))
-            layers[name].weight.copy_(weights[name])
-        try:
-            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(inputs[i:i + 16], dtype=np.float32)))
-                                   .numpy() for i in range(0, len(inputs), 16)])
-        finally:
-            for h in handles:
-                h.remove()
-            for name, w in saved.items():
-                layers[name].weight.copy_(w)
-    return outputs
 
 
 def _input_ranges(model: nn.Module, x: torch.Tensor, layers: list[nn.Module]) -> dict[nn.Module, tuple[float, float]]:

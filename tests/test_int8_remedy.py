@@ -19,7 +19,7 @@ import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.families import spec_for_model
 from levit_deploy.parity import compare_outputs
-from levit_deploy.quantize import fit_to_gate, sensitivity, simulate
+from levit_deploy.quantize import fit_to_gate, sensitivity
 
 runner = CliRunner()
 #: what the search chose for ORT on the in-distribution yardstick (levit-deploy export ... --to onnx --precision
@@ -81,43 +81,6 @@ def test_the_search_keeps_the_most_sensitive_layers_until_the_gate_passes():
     stuck = fit_to_gate(lambda keep: (keep, Report(False), ["a", "b", "c", "d"]), model, inputs, max_fraction=0.5)
     assert not stuck.passed and [len(a.keep_float) for a in stuck.attempts] == [0, 1, 2]
     assert fit_to_gate(attempt, model, inputs, max_fraction=0).attempts[0].keep_float == ()
-
-
-def test_a_prediction_starts_the_search_where_the_simulated_model_passes():
-    """With a right guess the search needs the plain attempt, the predicted one and one fewer; with a guess that is
-    too optimistic it grows from there; with one that finds nothing it searches as without it."""
-    inputs = np.random.default_rng(1).standard_normal((24, 16, 1, 1)).astype(np.float32)
-    many = [f"l{i}" for i in range(20)]
-
-    class Report:
-        def __init__(self, passed):
-            self.passed, self.worst_margin, self.per_input = passed, 0.5 if passed else 2.0, []
-
-    def search(real: int, guess: int | None):
-        predictor = None if guess is None else (lambda quantized: lambda keep: len(keep) >= guess)
-        return fit_to_gate(lambda keep: (keep, Report(len(keep) >= real), many), _scored(many), inputs,
-                           max_fraction=0.5, predictor=predictor)
-    right = search(real=6, guess=6)
-    assert [len(a.keep_float) for a in right.attempts] == [0, 6, 5] and len(right.keep_float) == 6
-    optimistic = search(real=7, guess=5)
-    assert [len(a.keep_float) for a in optimistic.attempts] == [0, 5, 10, 7, 6] and len(optimistic.keep_float) == 7
-    pessimistic = search(real=3, guess=6)
-    assert [len(a.keep_float) for a in pessimistic.attempts] == [0, 6, 5, 2, 3] and len(pessimistic.keep_float) == 3
-    blind = search(real=3, guess=99)  # the simulation passes nothing up to the cap: no guidance
-    assert [len(a.keep_float) for a in blind.attempts] == [0, 1, 2, 4, 3]
-
-
-def test_the_simulated_int8_model_leaves_kept_layers_and_the_model_untouched():
-    model = _scored(["a", "b"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs = np.random.default_rng(2).standard_normal((8, 16, 1, 1)).astype(np.float32)
-    outputs = simulate(model, inputs, ["a", "b"])
-    with torch.no_grad():
-        exact = model(torch.from_numpy(inputs)).numpy()
-    assert np.array_equal(outputs(("a", "b"), inputs), exact)  # everything kept: the float model
-    quantized = outputs((), inputs)
-    assert 0 < np.abs(quantized - exact).max() < 0.05 * np.abs(exact).max()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def _scored(names):
