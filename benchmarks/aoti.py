@@ -23,6 +23,7 @@ import torch
 
 from levit_deploy import load
 from levit_deploy.backends import open_runtime
+from levit_deploy.backends.base import in_chunks
 from levit_deploy.bench import BenchCase, Protocol, format_table, run_cases
 from levit_deploy.calibration import calibration_set
 from levit_deploy.families import spec_for_model
@@ -31,14 +32,20 @@ from levit_deploy.parity import compare
 from levit_deploy.reference import build_reference_set
 
 
+INT8_BATCH = 16
+
+
 class AotiRuntime:
     """The bench/parity runtime interface over a loaded `.pt2` package."""
 
-    def __init__(self, path: Path, precision: str):
-        self.path, self.precision, self.output_transform = path, precision, None
+    def __init__(self, path: Path, precision: str, batch: int | None = None):
+        self.path, self.precision, self.batch, self.output_transform = path, precision, batch, None
         self.runner = torch._inductor.aoti_load_package(str(path))
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x) if self.batch is None else in_chunks(self._run, x, self.batch, pad=True)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = self.runner(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
@@ -50,9 +57,12 @@ class AotiRuntime:
         pass
 
 
-def exported(module: torch.nn.Module, size: int) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1, max=64)
-    return torch.export.export(module, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
+def exported(module: torch.nn.Module, size: int, batch: int | None = None) -> torch.export.ExportedProgram:
+    """A dynamic batch, or a fixed one."""
+    if batch is not None:
+        return torch.export.export(module, (torch.randn(batch, 3, size, size),))
+    dim = torch.export.Dim("batch", min=1, max=64)
+    return torch.export.export(module, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: dim},))
 
 
 def compile_fp32(deploy: torch.nn.Module, size: int, out: Path) -> Path:
@@ -62,18 +72,21 @@ def compile_fp32(deploy: torch.nn.Module, size: int, out: Path) -> Path:
 
 
 def compile_int8(deploy: torch.nn.Module, size: int, calib: np.ndarray, out: Path) -> Path:
+    """At a fixed batch of 16: with a dynamic batch, Inductor's int8 freezing pass fails in torch 2.13
+    (fx_passes/quantization.py: ``torch.Size() takes an iterable of 'int' (item 0 is 'Node')``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86InductorQuantizer,
                                                                                get_default_x86_inductor_quantization_config)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported(deploy, size).module(), quantizer)
+    prepared = prepare_pt2e(exported(deploy, size, INT8_BATCH).module(), quantizer)
     with torch.no_grad():
-        for i in range(0, len(calib), 16):
-            prepared(torch.from_numpy(calib[i:i + 16]))
+        for i in range(0, len(calib) - INT8_BATCH + 1, INT8_BATCH):
+            prepared(torch.from_numpy(calib[i:i + INT8_BATCH]))
     converted = convert_pt2e(prepared)
     torch._inductor.config.freezing = True
     with torch.no_grad():
-        return Path(torch._inductor.aoti_compile_and_package(exported(converted, size), package_path=str(out)))
+        return Path(torch._inductor.aoti_compile_and_package(exported(converted, size, INT8_BATCH),
+                                                             package_path=str(out)))
 
 
 def main() -> None:
@@ -85,6 +98,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="aoti-")))
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     model = load(args.checkpoint)
     deploy, size = fuse(model, check=False).eval(), model.config.img_size
@@ -96,7 +110,7 @@ def main() -> None:
         started = time.perf_counter()
         path = build(args.out / f"levit_128s-{precision}.pt2")
         timings[precision] = time.perf_counter() - started
-        runtimes[precision] = AotiRuntime(path, precision)
+        runtimes[precision] = AotiRuntime(path, precision, INT8_BATCH if precision == "int8" else None)
         report = compare(reference, runtimes[precision], precision, stage=f"aoti {precision}")
         print(f"aoti {precision}: compiled in {timings[precision]:.0f} s, {path.stat().st_size / 1e6:.1f} MB; "
               f"{report.summary()}", flush=True)

@@ -99,6 +99,7 @@ def test_tensorrt_export_without_a_gpu_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message shown without a GPU")
+@pytest.mark.slow  # 16 s of refusals; make test-all
 def test_gpu_requests_without_gpu_are_refused_clearly(model, tmp_path):
     with pytest.raises(RuntimeUnavailable, match="no CUDA GPU"):
         ld.open_runtime(model, "torch", device="cuda").activate()

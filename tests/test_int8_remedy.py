@@ -140,6 +140,7 @@ def ort_int8(in_distribution, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # an ORT int8 search (~60 s); the search and the rule are tested above
 def test_in_distribution_int8_passes_with_its_recipe_recorded(ort_int8):
     m = json.loads((ort_int8 / "manifest.json").read_text())
     assert m["parity"]["status"] == "passed"

@@ -159,6 +159,7 @@ def test_a_partial_checkpoint_is_refused_where_the_official_loader_would_pass_it
         ld.load(tmp_path / "other.pth")
 
 
+@pytest.mark.slow  # 24 s even for LITv2-S; the fusion-bug tests below run LITv2's steps in make test
 @pytest.mark.parametrize("variant", LITV2)
 def test_every_fusion_step_passes_on_a_trained_like_checkpoint(variant):
     model, reference = trained_like_model(variant), trained_like_reference(variant)

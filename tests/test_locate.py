@@ -63,7 +63,7 @@ def tamper_openvino(folder: Path, unit: str) -> str:
 TAMPER = {"onnx": tamper_onnx, "openvino": tamper_openvino}
 #: the unit each family's fault goes into: one in the middle of the chain
 FAULTY_UNIT = {"levit_128s": "stages.9", "lightvit_tiny": "stages.1.3", "litv2_s": "layers.2.blocks.1"}
-CASES = [pytest.param("levit_128s", "onnx"),
+CASES = [pytest.param("levit_128s", "onnx", marks=pytest.mark.slow),  # ~50 s each: make test-all
          pytest.param("levit_128s", "openvino", marks=pytest.mark.slow),
          pytest.param("lightvit_tiny", "onnx", marks=pytest.mark.slow),
          pytest.param("lightvit_tiny", "openvino", marks=pytest.mark.slow),

@@ -35,6 +35,7 @@ def test_unknown_targets_and_precisions_are_one_line(tmp_path):
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow  # two exports and a timed run (~35 s)
 def test_the_fastest_passing_candidate_is_kept_and_a_refused_one_is_listed_never_chosen(tmp_path, monkeypatch):
     """ONNX Runtime gets a broken model (one weight scaled 5 %: the checked fusion refuses it); OpenVINO the real one."""
     real_export = optimize_module.export

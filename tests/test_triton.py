@@ -55,6 +55,7 @@ def test_export_adds_to_a_repository_and_a_rewrite_replaces_the_model_whole(tmp_
     assert sorted(p.name for p in repo.iterdir()) == ["levit"]  # no staging or old folders left behind
 
 
+@pytest.mark.slow  # an export (19 s); the repository tests above run in make test
 def test_export_with_triton_repo_adds_the_gated_artifact_and_refuses_a_format_triton_cannot_serve(tmp_path):
     repo = tmp_path / "repo"
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "--out",
