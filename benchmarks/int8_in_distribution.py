@@ -28,7 +28,7 @@ CLI = str(ROOT / ".venv" / "bin" / "levit-deploy")
 SHARED = ROOT.parent / "shared" / "checkpoints" / "in_distribution"
 BACKENDS = ("openvino", "onnx", "executorch")
 FIXTURES = ("levit_256", "lightvit_tiny", "litv2_s")
-TIMEOUT = 480  # seconds per export: a case past it is recorded as timed out
+TIMEOUT = 480  # seconds per export by default (--timeout): a case past it is recorded as timed out
 
 
 def cases(work: Path, fixtures: bool) -> list[tuple[str, Path, Path, Path]]:
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the cases whose name starts with this")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per export")
     ap.add_argument("--rebench", action="store_true", help="bench again the passed cases with no throughput")
     ap.add_argument("--table", action="store_true", help="print the markdown table from WORK/results.jsonl")
     args = ap.parse_args()
@@ -165,10 +166,10 @@ def main() -> None:
                         "--images", str(images), "--out", str(int8_dir), "--json"]
             rec["commands"] = [" ".join(fp32_cmd), " ".join(int8_cmd)]
             print(f"[{time.strftime('%H:%M:%S')}] {name} {backend}: fp32 export", file=sys.stderr, flush=True)
-            rc, out, err, secs = run(fp32_cmd, TIMEOUT)
+            rc, out, err, secs = run(fp32_cmd, args.timeout)
             rec["fp32_export"] = {"rc": rc, "seconds": round(secs, 1), "stderr_tail": err[-800:] if rc else ""}
             print(f"[{time.strftime('%H:%M:%S')}] {name} {backend}: int8 export", file=sys.stderr, flush=True)
-            rc, out, err, secs = run(int8_cmd, TIMEOUT)
+            rc, out, err, secs = run(int8_cmd, args.timeout)
             rec["int8_export"] = {"rc": rc, "seconds": round(secs, 1), "timed_out": rc is None,
                                   "stderr_tail": err[-2500:], **gate_summary(_json(out))}
             if rec["fp32_export"]["rc"] == 0 and rc == 0:
@@ -201,7 +202,7 @@ def table(records) -> str:
     for r in records:
         g = r["int8_export"]
         if g.get("timed_out"):
-            verdict = f"timed out (> {TIMEOUT} s)"
+            verdict = f"timed out (> {g['seconds']:.0f} s)"
         elif g.get("rc") not in (0, 1):
             verdict = f"error (exit {g.get('rc')})"
         else:

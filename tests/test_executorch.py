@@ -39,6 +39,7 @@ def test_fp32_program_passes_the_gate_on_a_trained_like_checkpoint_and_records_i
         assert rt.infer(x[:0]).shape == (0, 1000)
 
 
+@pytest.mark.slow  # it pays the trained-like ExecuTorch export (~85 s on 2 cores); make test-all
 def test_parity_predict_and_val_take_a_pte_like_any_artifact(artifacts, tmp_path):
     folder = str(artifacts("levit_128s", "executorch").folder)
     parity = runner.invoke(app, ["parity", folder, "--json"])
