@@ -27,12 +27,11 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # The fast default run: each family's smallest and largest variant (the `slow` marker holds the rest).
-# Tests marked `alone` compare timings across runs: they run after the parallel part, with the machine to themselves.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not alone"
-	$(BIN)/python -m pytest -q -p no:xdist -m "alone and not slow"
 
-# The full matrix: every variant of every family (what CI runs).
+# The full matrix: every variant of every family (what CI runs). Tests marked `alone` compare timings across runs:
+# they run after the parallel part, with the machine to themselves.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not alone"
 	$(BIN)/python -m pytest -q -p no:xdist -m alone

@@ -133,7 +133,8 @@ def rounds_of(runtime_opener, threads: int, seconds: float = 2.5) -> dict:
     return bench.report_document(results, protocol, False, "levit_128s")
 
 
-@pytest.mark.alone  # timings compared across runs: `make test` runs it after the parallel part, on an idle machine
+@pytest.mark.slow  # with the next line: `make test-all` runs it after the parallel part, on an idle machine
+@pytest.mark.alone  # timings compared across runs
 def test_a_baseline_tells_a_rerun_from_a_real_speed_up(tmp_path):
     from levit_deploy.backends.onnx import write_plain
     path = write_plain(ld.load("levit_128s", init="random"), tmp_path / "plain")

@@ -276,6 +276,7 @@ def test_other_input_sizes_are_refused_with_the_reason(tmp_path):
         model(torch.zeros(1, 3, 256, 256))
 
 
+@pytest.mark.slow  # 38 s on 2 cores; make test-all
 def test_any_batch_runs(artifacts):
     """The official CUDA op refuses odd batches of 5 and more; ours runs them."""
     with ld.open_runtime(artifacts("litv2_s", "onnx").folder) as rt:
