@@ -307,7 +307,8 @@ def _markdown(result: OptimizeResult, doc: dict) -> str:
                if c.reason and c.status not in ("baseline", "passed")]
     kept = [f"- {c.name} keeps in float: {', '.join(c.kept_float)}" + (f" ({c.reason})" if c.reason else "")
             for c in result.candidates if c.kept_float]
-    lines += ["", "Refusals and skips (never chosen):" if reasons else "", *reasons, *kept, *(f"- {n}" for n in result.notes)]
+    lines += ["", "Refusals and skips (never chosen):" if reasons else "", *reasons]
+    lines += ["", "Notes:", *kept, *(f"- {n}" for n in result.notes)] if kept or result.notes else []
     lines += ["", "img/s: median of the interleaved run with its bootstrap 95 % interval; cold: a fresh process "
               "opening the artifact and running one batch; worst cos and e/bound: the export's parity gate (int8: "
               "the floor-relative int8 rule).", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v),
