@@ -11,13 +11,13 @@ folder; ``OUT/report.md``, ``OUT/report.png`` (speed against accuracy, Pareto fr
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .artifacts import export_lock, publish, read_manifest, staging
 from .bench import BenchCase, Protocol, run_cases
 from .backends import ExportError, backends, module_runtime, open_runtime
 from .calibration import calibration_set
@@ -253,16 +253,17 @@ def _choose(candidates: list[Candidate], objective: str) -> Candidate | None:
 
 
 def _keep(best: Candidate, folder: Path) -> None:
-    """The chosen artifact as a normal folder; a bf16 choice records that its runtime computes in bf16."""
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(best.artifact, staging)
+    """The chosen artifact as a normal folder, written as an export is (lock, staging, one-rename publish, so a
+    half-copied folder never replaces an earlier choice); a bf16 choice records that its runtime computes in bf16."""
+    manifest, source = read_manifest(best.artifact)
     if best.compute:
-        manifest = json.loads((staging / "manifest.json").read_text())
         manifest["artifact"].setdefault("runtime_options", {})["compute"] = best.compute
-        write_json_atomic(staging / "manifest.json", manifest)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    files = list(manifest["artifact"]["files"])
+    with export_lock(folder) as out, staging(out) as stage:
+        for name in files:
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, stage / name)
+        publish(files, stage, out, manifest)
 
 
 def write_report(result: OptimizeResult, model_name: str, objective: str, threads: int, command: str) -> None:
