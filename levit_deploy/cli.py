@@ -398,7 +398,7 @@ def bench(targets: Annotated[List[str], typer.Argument(
           baseline: Annotated[Optional[Path], typer.Option(
               help="An earlier `bench --json` output: each case is tested against the same case there "
                    "(permutation test on per-round times; 'significantly faster/slower' needs p < 0.05 and a "
-                   "difference of at least 3 %).")] = None,
+                   "difference of at least 10 %).")] = None,
           cold_start: Annotated[bool, typer.Option(
               "--cold-start/--no-cold-start",
               help="Also open each case in a fresh process after timing: cold start (open + first "

@@ -5,7 +5,9 @@ whether two runs differ. The unit of the test is the *round* (a few calls of one
 the other cases), not the call: calls within a round share the machine's state, rounds are the
 independent repeats. Run-to-run drift on one machine (frequency, cache, neighbours) exceeds what
 the rounds of a single run show, so a difference also has to exceed ``min_effect`` to be called
-significant, as pyperf's ``--min-speed`` does.
+significant, as pyperf's ``--min-speed`` does. Measured on a 2-core AMD EPYC VM: 11 reruns of one ONNX
+Runtime case (3 s each, 6-7 rounds) came out at 0.93-1.01x the first run, and 3 of them passed p < 0.05;
+two threads instead of one at 1.46-1.84x.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 
 RESAMPLES = 2000
 ALPHA = 0.05
-MIN_EFFECT = 0.03  # relative difference of medians below which two runs are "not significantly different"
+MIN_EFFECT = 0.10  # relative difference of medians below which two runs are "not significantly different"
 
 
 def median_interval(times, confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
