@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .env import int8_products_saturate
 from .reference import EXTRA_DRAWS, FLOOR_DRAWS, IMAGE_KINDS, ReferenceSet, floor_draws, run_module
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -310,7 +311,22 @@ def compare(reference: ReferenceSet, candidate, precision: str = "fp32", stage: 
     report = judge(reference, out, precision, stage, getattr(candidate, "output_transform", None))
     if precision == "int8" and not report.passed and reference.model is not None:
         report.notes.append(_conditioning_note(reference))
+    manifest = getattr(candidate, "manifest", None) or {}
+    note = saturation_note(manifest.get("artifact", {}).get("quantization", {}), manifest.get("machine", {}).get("cpu"))
+    if note:
+        report.notes.append(note)
     return report
+
+
+def saturation_note(quantization: dict, gated_on: dict | None = None) -> str | None:
+    """Why an int8 artifact may be off here: its kernels (``quantization["kernels"]``, as the backend recorded them)
+    saturate on this CPU. ``gated_on``: the ``cpu_info`` of the machine its export was gated on, when not this one."""
+    kernels = (quantization or {}).get("kernels", {})
+    if not (kernels.get("saturate_without_vnni") and int8_products_saturate()):
+        return None
+    unlike = ", unlike on the CPU its export was gated on" if gated_on and not int8_products_saturate(gated_on) else ""
+    return (f"this CPU has no int8 dot product (VNNI/AMX): the artifact's {kernels['weights']} weights saturate its "
+            f"int8 kernels here{unlike}; for kernels exact on every CPU, export with {kernels['exact_with']}")
 
 
 def judge(reference: ReferenceSet, outputs: np.ndarray, precision: str = "fp32", stage: str = "candidate",

@@ -29,7 +29,8 @@ def test_registry_answers_what_exists_what_runs_here_and_what_a_target_takes():
     onnx = get_backend("onnx")
     assert onnx.parse_options({"opset": "17", "simplify": "false"}) == onnx.options(opset=17, simplify=False)
     assert get_backend("coreml").parse_options({"image_input": "yes"}).image_input is True
-    with pytest.raises(ExportError, match="image_input: not an option of the onnx target; it takes keep_float, max_float_fraction, opset, simplify"):
+    with pytest.raises(ExportError, match="image_input: not an option of the onnx target; it takes int8_weights, "
+                                          "keep_float, max_float_fraction, opset, simplify"):
         onnx.parse_options({"image_input": "true"})
     with pytest.raises(ExportError, match="'seventeen' is not an integer"):
         onnx.parse_options({"opset": "seventeen"})

@@ -92,7 +92,8 @@ def test_graph_is_deploy_clean_and_manifest_complete(exported_128s):
     for key in ("artifact", "source", "model", "labels", "export", "fusion", "preprocessing", "parity", "versions",
                 "machine"):
         assert key in m
-    assert m["export"]["options"] == {"opset": 20, "simplify": True, "keep_float": "", "max_float_fraction": 0.25} and m["artifact"]["opset"] >= 17
+    assert m["export"]["options"] == {"opset": 20, "simplify": True, "keep_float": "", "max_float_fraction": 0.25,
+                                      "int8_weights": "auto"} and m["artifact"]["opset"] >= 17
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m["versions"])
     assert m["machine"]["cpu"]["model"] and "isa" in m["machine"]["cpu"]
     assert m["preprocessing"]["channel_order"] == "RGB" and m["preprocessing"]["interpolation"] == "bicubic"

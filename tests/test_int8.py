@@ -20,7 +20,7 @@ runner = CliRunner()
     # run shows an ONNX int8 pass on the in-distribution yardstick (test_int8_remedy.py)
     pytest.param("onnx", "lightvit_tiny", marks=pytest.mark.slow),
     # the only model OpenVINO int8 passes here: trained-like LeViT is too ill-conditioned (see below), trained-like
-    # LightViT-T flips 2 of 32 photos (93.8 %) and LITv2 trips an OpenVINO transformation bug (a test below); 65 s
+    # LightViT-T flips 2 of 32 photos (93.8 %); 65 s
     pytest.param("openvino", "levit_128s", marks=pytest.mark.slow),
 ])
 def test_int8_passes_the_gate_on_real_photos_and_records_its_calibration(tmp_path, int8_photos, target, model):

@@ -2,6 +2,7 @@
 import json
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -71,3 +72,53 @@ def test_bench_and_parity_show_openvino(artifact_128s):
     rows = {r["label"]: r for r in doc["results"]}
     row = rows[f"artifact {folder.name}"]
     assert row["images_per_s"] > 0 and row["status"] == "ok" and row["info"]["threads"] == 1
+
+
+def test_a_flattened_linear_becomes_one_matmul_over_the_tokens_exactly():
+    """Reshape to (B·N, C) -> MatMul -> Add -> Reshape back, as the ONNX graph runs a linear over tokens, is
+    rewritten into a MatMul over (B, N, C): one rewrite, the same values, the MatMul's name kept."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from levit_deploy.backends.openvino import unflatten_linears
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([-1, 49, 16], np.float32, name="x")
+    flat = ops.reshape(x, ops.constant(np.array([-1, 16], np.int64)), False)
+    product = ops.matmul(flat, ops.constant(rng.standard_normal((32, 16)).astype(np.float32)), False, True)
+    product.set_friendly_name("Gemm_5/WithoutBiases")
+    biased = ops.add(product, ops.constant(rng.standard_normal((1, 32)).astype(np.float32)))
+    back = ops.reshape(biased, ops.constant(np.array([-1, 49, 32], np.int64)), False)
+    ir = ov.Model([ops.relu(back)], [x], "flattened")
+    tokens = rng.standard_normal((3, 49, 16)).astype(np.float32)
+    before = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: tokens})[0]
+    assert unflatten_linears(ir) == 1
+    types = [op.get_type_name() for op in ir.get_ordered_ops()]
+    assert types.count("Reshape") == 0 and types.count("MatMul") == 1
+    assert [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"] == [
+        "Gemm_5/WithoutBiases"]
+    after = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: tokens})[0]
+    np.testing.assert_array_equal(before, after)
+    assert unflatten_linears(ir) == 0
+
+
+@pytest.mark.slow
+def test_an_int8_litv2_ir_with_a_dynamic_batch_compiles(artifacts):
+    """Without the rewrite above, OpenVINO 2026.4's CPU plugin refuses LITv2-S's int8 IR with a dynamic batch
+    (ReshapeTransformation: ``backward_compatible_check || in_out_elements_equal``)."""
+    import openvino as ov
+    pytest.importorskip("nncf")
+
+    from levit_deploy.backends.openvino import quantize_nncf, unflatten_linears
+    from levit_deploy.calibration import calibration_set
+    from levit_deploy.families import spec_for_model
+
+    shipped = artifacts("litv2_s", "openvino")
+    ir = ov.Core().read_model(str(shipped.path))
+    assert unflatten_linears(ir) > 0
+    model = ld.load("litv2_s", init="random", seed=0)
+    quantized, _ = quantize_nncf(ir, calibration_set(spec_for_model(model), limit=4), {}, ())
+    request = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    for batch in (1, 3):
+        request.infer({0: np.zeros((batch, 3, 224, 224), np.float32)})
+        assert request.get_output_tensor(0).data.shape == (batch, 1000)

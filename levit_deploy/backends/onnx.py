@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import require
-from ..probe import Graph, Node, Probe, param_name
+from ..env import int8_products_saturate, require
+from ..probe import Graph, Node, Probe, param_name, run_in_chunks
 from ..quantize import QuantOptions, check_recipe
 from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
 
@@ -33,9 +35,18 @@ class OnnxOptions(QuantOptions):
     opset: int = field(default=20, metadata={"help": "ONNX opset: 18+ uses the torch.export exporter, 13-17 the "
                                                      "TorchScript one (LITv2's DeformConv needs 19+)"})
     simplify: bool = field(default=True, metadata={"help": "simplify the graph with onnxsim when installed"})
+    int8_weights: str = field(default="auto", metadata={
+        "help": "int8: weight type. int8 (U8S8 kernels): the fast path on CPUs with VNNI or AMX, but on x86-64 "
+                "without them its 16-bit intermediate sums saturate (LightViT-T: worst cosine 0.907 instead of "
+                "0.990). uint8 (U8U8): exact on every CPU. auto: uint8 on a CPU that saturates, else int8"})
+
+    def __post_init__(self):
+        if self.int8_weights not in WEIGHT_TYPES:
+            raise ValueError(f"int8_weights must be one of {', '.join(WEIGHT_TYPES)}, got {self.int8_weights!r}")
 
 
 REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_TYPES = ("auto", "uint8", "int8")
 
 
 class ReducedPrecisionGraph(torch.nn.Module):
@@ -125,6 +136,24 @@ def write_onnx(model: torch.nn.Module, staging: Path, precision: str = "fp32", b
     return StagedArtifact(file="model.onnx", details=details, notes=notes)
 
 
+@contextlib.contextmanager
+def fp32_onnx(model: torch.nn.Module, opts, options: OnnxOptions | None = None):
+    """(path, staged) of the fused fp32 ONNX graph an int8 or OpenVINO artifact is made from. With the export's
+    scratch folder (``opts.scratch``: an int8 search quantizes the same graph on every attempt) it is written
+    for the first attempt and read back for the others; without one, into a folder removed afterwards."""
+    with contextlib.ExitStack() as stack:
+        folder = (opts.scratch / "fp32-onnx" if opts.scratch
+                  else Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        record = folder / "staged.json"
+        if not record.is_file():
+            folder.mkdir(exist_ok=True)
+            staged = write_onnx(model, folder, "fp32", opts.batch, options)
+            record.write_text(json.dumps({"file": staged.file, "details": staged.details, "notes": staged.notes}))
+        written = json.loads(record.read_text())
+        yield folder / written["file"], StagedArtifact(file=written["file"], details=written["details"],
+                                                       notes=written["notes"])
+
+
 def _optional(module: str):
     try:
         return require(module, "", "onnx")
@@ -158,11 +187,12 @@ def layer_paths(graph, op_types) -> dict[str, str]:
     return out
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, calibration, keep_float=()) -> dict:
-    """ONNX Runtime static quantization: QDQ format, per-channel int8 weights, uint8 activations with
-    MinMax ranges from the calibration images fed at batch 1 (U8S8: the VNNI path on x86-64; S8S8 ran no
-    faster than fp32 here, measured). ``keep_float``: module paths left in float. Returns what the manifest
-    records, with ``layers``: the module paths quantized."""
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration, keep_float=(), weights: str = "auto") -> dict:
+    """ONNX Runtime static quantization: QDQ format, per-channel 8-bit weights, uint8 activations with MinMax
+    ranges from the calibration images fed at batch 1. ``weights``: int8 (U8S8, VNNI's path; it saturates on
+    x86-64 CPUs without VNNI: ``env.int8_products_saturate``), uint8 (U8U8, exact everywhere), or auto (uint8 where
+    this CPU saturates). S8S8 saturates the same way and ran no faster than fp32 here. ``keep_float``: module paths
+    left in float. Returns what the manifest records, with ``layers``: the module paths quantized."""
     require("onnxruntime", "int8 ONNX export", "onnx")
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -177,6 +207,9 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration, keep_float=()) ->
             return None if x is None else {"pixel_values": np.ascontiguousarray(x[None])}
 
     prepared = out_path.with_name("prepared.onnx")
+    if weights == "auto":
+        weights = "uint8" if int8_products_saturate() else "int8"
+    weight_type = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[weights]
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant_pre_process(str(fp32_path), str(prepared))
@@ -186,26 +219,25 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration, keep_float=()) ->
         check_recipe(keep_float, list(paths.values()))
         nodes = [name for name, path in paths.items() if path not in keep_float]
         quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes, 
+                        activation_type=QuantType.QUInt8, weight_type=weight_type, nodes_to_quantize=nodes,
                         op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax)
     prepared.unlink()
     kept = sum(n.op_type in INT8_OPS for n in graph.node) - len(paths)
-    return {"layers": [paths[n] for n in nodes], "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax",
-            "quantized_ops": f"{len(nodes)} {'/'.join(INT8_OPS)} nodes with weights",
-            "ignored_scope": f"{len(keep_float)} layers kept in float (keep_float), {kept} activation-by-activation MatMuls (attention q·kᵀ, attn·v), convolutions and "
-                             f"every other op type stay fp32", "calibration_batch": 1}
+    kernels = {"weights": weights, "saturate_without_vnni": weights == "int8", "exact_with": "-o int8_weights=uint8"}
+    return {"layers": [paths[n] for n in nodes],
+            "method": f"onnxruntime quantize_static, QDQ, per-channel {weights} weights, uint8 activations, MinMax",
+            "kernels": kernels, "quantized_ops": f"{len(nodes)} {'/'.join(INT8_OPS)} nodes with weights",
+            "ignored_scope": f"{len(keep_float)} layers kept in float (keep_float), {kept} activation-by-activation "
+                             f"MatMuls (attention q·kᵀ, attn·v), convolutions and every other op type stay fp32",
+            "calibration_batch": 1}
 
 
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     if opts.precision != "int8":
         return write_onnx(model, staging, opts.precision, opts.batch, opts.target)
-    fp32_dir = staging / "fp32"
-    fp32_dir.mkdir()
-    staged = write_onnx(model, fp32_dir, "fp32", opts.batch, opts.target)
-    quant = quantize_qdq(fp32_dir / staged.file, staging / "model.onnx", opts.calibration, opts.keep_float)
-    for f in fp32_dir.iterdir():
-        f.unlink()
-    fp32_dir.rmdir()
+    with fp32_onnx(model, opts, opts.target) as (fp32_path, staged):
+        quant = quantize_qdq(fp32_path, staging / "model.onnx", opts.calibration, opts.keep_float,
+                             (opts.target or OnnxOptions()).int8_weights)
     onnx = require("onnx", "ONNX export", "onnx")
     ops = Counter(n.op_type for n in onnx.load(str(staging / "model.onnx")).graph.node)
     details = {**staged.details, "ops": dict(sorted(ops.items())), "quantization": quant}
@@ -271,9 +303,12 @@ class OnnxProbe(Probe):
     """The shipped ONNX graph read into memory; a prefix is the nodes the tensor depends on, run by ONNX Runtime
     with the runtime's own session options. The file is only read."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, deploy=None):
+        self.load(folder / manifest["artifact"]["file"])
+
+    def load(self, path: Path) -> None:
         onnx = require("onnx", "--locate", "onnx")
-        self.model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / manifest["artifact"]["file"])))
+        self.model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
         self.types = {v.name: v.type.tensor_type.elem_type for v in self.model.graph.value_info}
         self.types.update({v.name: v.type.tensor_type.elem_type for v in self.model.graph.output})
 
@@ -308,10 +343,7 @@ class OnnxProbe(Probe):
         session = ort.InferenceSession(self.prefix(tensors).SerializeToString(), sess_options=opts,
                                        providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        batches = [np.ascontiguousarray(inputs[i:i + 16]) for i in range(0, len(inputs), 16)]
-        chunks = [(len(b), session.run(None, {name: b})) for b in batches]  # a value may fold the batch into rows
-        return [np.concatenate([out[k].reshape(n, -1) for n, out in chunks]).astype(np.float64)
-                for k in range(len(tensors))]
+        return run_in_chunks(lambda batch: session.run(None, {name: batch}), inputs, 16)
 
 
 BACKEND = Backend(

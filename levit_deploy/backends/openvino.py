@@ -11,26 +11,37 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..env import require
-from ..probe import Graph, Node, Probe, param_name
+from ..env import int8_products_saturate, require
+from ..probe import Graph, Node, Probe, param_name, run_in_chunks
 from ..quantize import QuantOptions, check_recipe
 from .base import Backend, Runtime, RuntimeConfig, StagedArtifact
-from .onnx import layer_paths, write_onnx
+from .onnx import fp32_onnx, layer_paths
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+OVERFLOW_FIX = ("auto", "enable", "first_layer_only", "disable")  # auto, then NNCF's OverflowFix values
 WEIGHT_OPS = ("MatMul", "Convolution", "GroupConvolution")  # the OpenVINO ops NNCF quantizes weights of
 
 
 @dataclass
 class OpenVinoOptions(QuantOptions):
-    """OpenVINO's own export options: for now only the int8 ones every int8 target takes."""
+    """OpenVINO's own export options: the int8 ones every int8 target takes, and NNCF's overflow fix."""
+
+    overflow_fix: str = field(default="auto", metadata={
+        "help": "int8: NNCF's overflow fix. enable: 7-bit weights in every layer, exact on every CPU. "
+                "first_layer_only (NNCF's default) and disable keep 8-bit weights, whose products saturate in "
+                "oneDNN's int8 kernels on x86-64 without VNNI/AMX (LightViT-T: worst cosine 0.905 instead of "
+                "0.964). auto: enable on a CPU that saturates, else first_layer_only"})
+
+    def __post_init__(self):
+        if self.overflow_fix not in OVERFLOW_FIX:
+            raise ValueError(f"overflow_fix must be one of {', '.join(OVERFLOW_FIX)}, got {self.overflow_fix!r}")
 
 
 def onnx_extensions() -> list:
@@ -87,7 +98,42 @@ def name_weights(ir, onnx_graph) -> int:
     return named
 
 
-def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=()) -> tuple[object, dict]:
+def unflatten_linears(ir) -> int:
+    """A linear over (B, N, C) tokens that the ONNX graph runs as Reshape to (B·N, C) -> MatMul -> Add -> Reshape
+    back becomes one MatMul over the 3-D tensor plus the bias (exact: the same products and sums). OpenVINO's CPU
+    plugin cannot compile the int8 form of the flattened one with a dynamic batch: its low-precision
+    ReshapeTransformation moves the per-channel dequantization through the Reshape back and fails its shape check
+    (``backward_compatible_check || in_out_elements_equal``, LITv2-S's first MLP, OpenVINO 2026.4). The new
+    MatMul keeps the old one's name, so layer names and keep_float still apply. Returns how many were rewritten."""
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for back in [op for op in ir.get_ordered_ops() if op.get_type_name() == "Reshape"]:
+        add = back.input_value(0).get_node()
+        matmul = add.input_value(0).get_node() if add.get_type_name() == "Add" else None
+        flatten = matmul.input_value(0).get_node() if matmul is not None and matmul.get_type_name() == "MatMul" \
+            else None
+        if flatten is None or flatten.get_type_name() != "Reshape" or matmul.get_attributes()["transpose_a"]:
+            continue
+        tokens = flatten.input_value(0)
+        before, after = tokens.get_partial_shape(), back.get_output_partial_shape(0)
+        if before.rank.is_dynamic or after.rank.is_dynamic or before.rank.get_length() != 3 \
+                or after.rank.get_length() != 3 or flatten.get_output_partial_shape(0).rank.get_length() != 2 \
+                or before[1].is_dynamic or before[1] != after[1] or before[0].is_static != after[0].is_static:
+            continue
+        product = ops.matmul(tokens, matmul.input_value(1), False, matmul.get_attributes()["transpose_b"])
+        product.set_friendly_name(matmul.get_friendly_name())
+        biased = ops.add(product, add.input_value(1))
+        biased.set_friendly_name(add.get_friendly_name())
+        back.output(0).replace(biased.output(0))
+        rewritten += 1
+    if rewritten:
+        ir.validate_nodes_and_infer_types()
+    return rewritten
+
+
+def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=(), overflow_fix: str = "auto"
+                  ) -> tuple[object, dict]:
     """NNCF post-training quantization of an fp32 IR, transformer mode, calibrated at batch 1.
 
     SmoothQuant, which transformer mode turns on by default, is off: on LeViT-128S (1 thread, batch 16)
@@ -95,24 +141,33 @@ def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=()) -> tup
     (measured side by side). Activation ranges are plain MinMax over the calibration images, not NNCF's
     default (the mean of each image's min and max), which clips the rare large activations a trained-like
     LeViT needs: on the in-distribution LeViT-128S yardstick, worst cosine to fp32 on its 30 judging crops
-    0.70 with NNCF's default, 0.91 with MinMax (median 0.977 -> 0.988; benchmarks/results/int8_methods.md). ``keep_float``: module
-    paths (keys of ``layers``) left in float through NNCF's ignored scope."""
+    0.70 with NNCF's default, 0.91 with MinMax (median 0.977 -> 0.988; benchmarks/results/int8_methods.md).
+    ``overflow_fix``: see ``OpenVinoOptions``. ``keep_float``: module paths (keys of ``layers``) left in float
+    through NNCF's ignored scope."""
     nncf = require("nncf", "int8 OpenVINO export", "int8")
     check_recipe(keep_float, list(layers))
     ignored = nncf.IgnoredScope(names=[layers[k] for k in keep_float]) if keep_float else None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       AdvancedSmoothQuantParameters, OverflowFix)
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    if overflow_fix == "auto":
+        overflow_fix = "enable" if int8_products_saturate() else "first_layer_only"
     data = nncf.Dataset(list(calibration.inputs), lambda x: np.ascontiguousarray(x[None]))
     advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
-                                              activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+                                              activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                                              overflow_fix=OverflowFix(overflow_fix))
     logging.getLogger("nncf").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         quantized = nncf.quantize(ir, data, model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(calibration.inputs), advanced_parameters=advanced,
                                   **({"ignored_scope": ignored} if ignored else {}))
     return quantized, {"method": f"NNCF {nncf.__version__} post-training quantization (model_type=TRANSFORMER, "
-                                 f"preset MIXED, fast bias correction, SmoothQuant off, MinMax activation ranges)",
+                                 f"preset MIXED, fast bias correction, SmoothQuant off, MinMax activation ranges, "
+                                 f"overflow fix {overflow_fix})",
+                       "kernels": {"weights": "int8 (7-bit range)" if overflow_fix == "enable" else "int8",
+                                   "saturate_without_vnni": overflow_fix != "enable",
+                                   "exact_with": "-o overflow_fix=enable"},
                        "layers": [k for k in layers if k not in keep_float],
                        "ignored_scope": f"{len(keep_float)} layers kept in float (keep_float); NNCF's transformer "
                                         f"mode keeps softmax, normalisation and elementwise ops in fp32",
@@ -121,23 +176,21 @@ def quantize_nncf(ir, calibration, layers: dict[str, str], keep_float=()) -> tup
 
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     ov = BACKEND.require("OpenVINO export")
-    onnx_dir = staging / "onnx"
-    onnx_dir.mkdir()
-    # the IR is converted from an fp32 graph; fp16 is a property of how the IR stores its weights
-    staged_onnx = write_onnx(model, onnx_dir, "fp32", opts.batch)
     batch = -1 if opts.batch == "dynamic" else int(opts.batch)
     size = model.config.img_size
-    ir = ov.convert_model(str(onnx_dir / staged_onnx.file), input=[("pixel_values", [batch, 3, size, size])],
-                          extension=onnx_extensions())
     quant = None
-    onnx_graph = require("onnx", "OpenVINO export", "onnx").load(str(onnx_dir / staged_onnx.file)).graph
-    name_weights(ir, onnx_graph)
-    if opts.precision == "int8":
-        ir, quant = quantize_nncf(ir, opts.calibration, ov_layer_names(ir, onnx_graph), opts.keep_float)
-    ov.save_model(ir, str(staging / "model.xml"), compress_to_fp16=opts.precision == "fp16")
-    for f in onnx_dir.iterdir():
-        f.unlink()
-    onnx_dir.rmdir()
+    # the IR is converted from an fp32 graph; fp16 is a property of how the IR stores its weights
+    with fp32_onnx(model, opts) as (onnx_path, staged_onnx):
+        ir = ov.convert_model(str(onnx_path), input=[("pixel_values", [batch, 3, size, size])],
+                              extension=onnx_extensions())
+        onnx_graph = require("onnx", "OpenVINO export", "onnx").load(str(onnx_path)).graph
+        name_weights(ir, onnx_graph)
+        if opts.precision == "int8":
+            unflattened = unflatten_linears(ir)
+            ir, quant = quantize_nncf(ir, opts.calibration, ov_layer_names(ir, onnx_graph), opts.keep_float,
+                                      (opts.target or OpenVinoOptions()).overflow_fix)
+            quant["rewrites"] = {"flattened linear -> 3-D MatMul": unflattened}
+        ov.save_model(ir, str(staging / "model.xml"), compress_to_fp16=opts.precision == "fp16")
     notes = list(staged_onnx.notes)
     if opts.precision == "fp16":
         notes.append("weights stored as fp16 (compress_to_fp16=True); the CPU plugin computes in fp32 unless "
@@ -199,7 +252,7 @@ class OpenVinoProbe(Probe):
     """The shipped IR read into memory; a prefix is a model over the same operations whose one result is the
     tensor, compiled with the runtime's own configuration. The files are only read."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, deploy=None):
         self.xml = folder / manifest["artifact"]["file"]
         self.model = shared_core().read_model(str(self.xml))
         self.runtime = OpenVinoRuntime(str(self.xml), RuntimeConfig(precision=manifest["export"]["precision"],
@@ -229,13 +282,11 @@ class OpenVinoProbe(Probe):
         prefix = ov.Model(outputs, self.model.get_parameters(), "prefix")
         compiled = shared_core().compile_model(prefix, self.runtime.ov_device, self.runtime.ov_config)
         request = compiled.create_infer_request()
-        values: list[list[np.ndarray]] = [[] for _ in tensors]
-        for i in range(0, len(inputs), 16):
-            batch = np.ascontiguousarray(inputs[i:i + 16])
+
+        def infer(batch: np.ndarray) -> list[np.ndarray]:
             request.infer({0: batch})
-            for k in range(len(tensors)):
-                values[k].append(np.array(request.get_output_tensor(k).data, dtype=np.float64).reshape(len(batch), -1))
-        return [np.concatenate(v) for v in values]
+            return [np.array(request.get_output_tensor(k).data) for k in range(len(tensors))]
+        return run_in_chunks(infer, inputs, 16)
 
 
 BACKEND = Backend(
