@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,8 @@ from .families import family_of, spec_for_model
 from .families.base import count_parameters
 from .fuse import fuse_checked
 from .locate import locate
-from .parity import ParityReport, compare
-from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate
+from .parity import ParityReport, compare, saturation_note
+from .quantize import MAX_FLOAT_FRACTION, Outcome, QuantOptions, RecipeError, fit_to_gate, outside_calibration
 from .reference import ReferenceSet, build_reference_set
 
 __all__ = ["export", "cached_export", "ExportError", "ExportParityError", "ExportOptions"]
@@ -63,6 +64,7 @@ class ExportOptions:
     calibration: Any = None  # int8: the CalibrationSet the quantizer takes its activation ranges from
     keep_float: tuple[str, ...] = ()  # int8: the layers (module paths) this attempt keeps in float
     locate_on_fail: bool = False  # when the gate refuses, bisect the artifact for the first diverging unit
+    scratch: Path | None = None  # int8: a folder for what the attempts of one search share (the fp32 graph)
 
 
 class _FixedBatch:
@@ -210,6 +212,13 @@ def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportO
         staged = _write(backend, model, folder, opts)
         return staged, None if staged.parity_pending else _gate(backend, staged, folder, opts, reference)
 
+    with tempfile.TemporaryDirectory(prefix="levit-int8-") as scratch:
+        return _search_int8(backend, model, folder, replace(opts, scratch=Path(scratch)), reference, status)
+
+
+def _search_int8(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions, reference: ReferenceSet,
+                 status: Callable[[str], None]) -> tuple[StagedArtifact, ParityReport]:
+    """The int8 artifact of the user's recipe, or of the fewest layers in float that pass the gate."""
     def attempt(keep: tuple[str, ...]):
         for entry in folder.iterdir():  # the previous attempt's files
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -226,12 +235,30 @@ def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportO
     staged, report = outcome.result
     staged.details["quantization"]["recipe"] = outcome.describe()
     status(f"int8: {outcome.summary()}")
-    if not outcome.passed and len(outcome.attempts) > 1:
-        tried = ", ".join(str(len(a.keep_float)) for a in outcome.attempts)
-        report.notes.append(f"kept {tried} of {len(outcome.quantized)} quantized layers in float, most sensitive "
-                            f"first, up to the cap (-o max_float_fraction={opts.target.max_float_fraction:g}); none "
-                            f"passed: deploy in fp32 or bf16, or raise the cap")
+    if not report.passed:
+        report.notes.extend(_int8_refusal_notes(outcome, staged.details["quantization"], opts))
+        report.notes.extend(_outside_calibration_notes(model, opts, reference, report, outcome.quantized))
     return staged, report
+
+
+def _int8_refusal_notes(outcome: Outcome, quantization: dict, opts: ExportOptions) -> list[str]:
+    """What was tried and what to try next, for a refused int8 artifact."""
+    notes = []
+    if len(outcome.attempts) > 1:
+        tried = ", ".join(str(len(a.keep_float)) for a in outcome.attempts)
+        notes.append(f"kept {tried} of {len(outcome.quantized)} quantized layers in float, most sensitive first, up "
+                     f"to the cap (-o max_float_fraction={opts.target.max_float_fraction:g}); none passed: deploy in "
+                     f"fp32 or bf16, or raise the cap")
+    saturated = saturation_note(quantization)
+    return notes + ([saturated] if saturated else [])
+
+
+def _outside_calibration_notes(model: torch.nn.Module, opts: ExportOptions, reference: ReferenceSet,
+                               report: ParityReport, layers: list[str]) -> list[str]:
+    """Which failed gate inputs lie outside what the calibration images showed (their remedy is --calib)."""
+    failed = [r["name"] for r in report.per_input if r["gating"] and not r["passed"]]
+    rows = [reference.names.index(name) for name in failed]
+    return outside_calibration(model, opts.calibration.inputs, reference.inputs[rows], failed, layers) if rows else []
 
 
 def _write(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions) -> StagedArtifact:

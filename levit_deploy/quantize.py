@@ -10,7 +10,8 @@ weights, its input activation uint8 per-tensor with the MinMax range seen on the
 the layers; the gate decides. When a plain int8 artifact fails, :func:`fit_to_gate` keeps the most sensitive
 layers in float in growing steps (1, 2, 4, … layers) until the gate passes or the cap (default 25 % of the
 quantized layers) is reached, bisects between the last failing and the first passing step for the fewest, and says
-what it tried.
+what it tried. A refused input whose activations leave the calibrated ranges throughout the network is named by
+:func:`outside_calibration`: its remedy is calibration images like it, not layers in float.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import nn
 
 MAX_FLOAT_FRACTION = 0.25
 SENSITIVITY_IMAGES = 32  # calibration images the sensitivity is measured on (it ranks; the gate decides)
+OUTSIDE_FACTOR = 1.5  # an input whose activations reach this multiple of a calibrated range end leaves it
 
 
 class RecipeError(ValueError):
@@ -82,7 +84,8 @@ class Outcome:
         return {"keep_float": list(self.keep_float), "quantized_layers": len(self.quantized),
                 "kept_fraction": round(len(self.keep_float) / max(len(self.quantized), 1), 4),
                 "sensitivity": "1 - cos of the output with that layer alone quantized (int8 per-channel weights, "
-                               "uint8 per-tensor MinMax input), mean over the calibration images",
+                               f"uint8 per-tensor MinMax input), mean over up to {SENSITIVITY_IMAGES} calibration "
+                               "images spread over the set, ranges from all of them",
                 "most_sensitive": {k: float(f"{v:.4g}") for k, v in top},
                 "attempts": [a.__dict__ for a in self.attempts]}
 
@@ -99,9 +102,10 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
     """Search the fewest layers to keep in float for the gate to pass.
 
     ``attempt(keep_float)`` writes and gates an artifact and returns (result, report, quantized layer paths).
-    The plain artifact first; if it fails, layers ranked by :func:`sensitivity` are kept in float in steps of
-    1, 2, 4, … up to ``max_fraction`` of the quantized layers, then bisected between the last failing and the first
-    passing step. Returns the passing attempt with the fewest layers in float, or the last attempt.
+    The plain artifact first; if it fails, layers ranked by :func:`sensitivity` on the calibration images are kept
+    in float in steps of 1, 2, 4, … up to ``max_fraction`` of the quantized layers, then bisected between the last
+    failing and the first passing step. Returns the passing attempt with the fewest layers in float, or the last
+    attempt.
     """
     result, report, quantized = attempt(())
     outcome = Outcome(result, (), quantized, [_attempt((), report)], passed=report.passed)
@@ -110,7 +114,7 @@ def fit_to_gate(attempt: Callable[[tuple[str, ...]], tuple[object, object, list[
         return outcome
     progress(f"int8 failed its gate with every layer quantized; measuring the sensitivity of {len(quantized)} "
              f"layers on {min(len(calibration_inputs), SENSITIVITY_IMAGES)} calibration images …")
-    outcome.scores = sensitivity(model, calibration_inputs[:SENSITIVITY_IMAGES], quantized)
+    outcome.scores = sensitivity(model, calibration_inputs, quantized)
     ranked = sorted(quantized, key=lambda name: -outcome.scores[name])
 
     def keep_most_sensitive(k: int) -> bool:
@@ -151,8 +155,11 @@ def _attempt(keep: tuple[str, ...], report) -> Attempt:
 
 
 @torch.no_grad()
-def sensitivity(model: nn.Module, inputs: np.ndarray, layers: list[str]) -> dict[str, float]:
-    """layer -> mean 1 − cos of the output to the float model's when that layer alone is quantized."""
+def sensitivity(model: nn.Module, inputs: np.ndarray, layers: list[str], images: int = SENSITIVITY_IMAGES
+                ) -> dict[str, float]:
+    """layer -> mean 1 − cos of the output to the float model's on ``images`` of ``inputs`` (the calibration images,
+    spread over them) when that layer alone is quantized, its input range taken from all of ``inputs`` (as the
+    backend took it)."""
     model = model.eval()
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     modules = dict(model.named_modules())
@@ -160,6 +167,7 @@ def sensitivity(model: nn.Module, inputs: np.ndarray, layers: list[str]) -> dict
     if missing:
         raise ValueError(f"not a Linear or Conv2d layer of the deployed model: {', '.join(missing[:3])}")
     ranges = _input_ranges(model, x, [modules[name] for name in layers])
+    x = x[np.linspace(0, len(x) - 1, min(images, len(x))).round().astype(int)]
     reference = model(x).double()
     scores = {}
     for name in layers:
@@ -167,29 +175,69 @@ def sensitivity(model: nn.Module, inputs: np.ndarray, layers: list[str]) -> dict
         if layer not in ranges:  # not on the path these inputs take
             scores[name] = 0.0
             continue
-        weight = layer.weight.detach().clone()
-        lo, hi = ranges[layer]
-        handle = layer.register_forward_pre_hook(lambda _, args, lo=lo, hi=hi: (_fake_quant_uint8(args[0], lo, hi),))
-        layer.weight.copy_(_fake_quant_weight(weight))
-        try:
-            out = model(x).double()
-        finally:
-            handle.remove()
-            layer.weight.copy_(weight)
-        scores[name] = float((1 - torch.nn.functional.cosine_similarity(out, reference, dim=1)).mean())
+        scores[name] = _quantized_error(model, layer, ranges[layer], x, reference)
     return scores
 
 
-def _input_ranges(model: nn.Module, x: torch.Tensor, layers: list[nn.Module]) -> dict[nn.Module, tuple[float, float]]:
-    """The MinMax range of each layer's input over ``x`` (what a MinMax calibrator records)."""
+def _quantized_error(model: nn.Module, layer: nn.Module, input_range: tuple[float, float], x: torch.Tensor,
+                     reference: torch.Tensor) -> float:
+    """Mean 1 − cos of the model's output to ``reference`` with ``layer`` alone quantized: its input to uint8 over
+    ``input_range``, its weight to int8 per output channel."""
+    weight = layer.weight.detach().clone()
+    lo, hi = input_range
+    handle = layer.register_forward_pre_hook(lambda _, args: (_fake_quant_uint8(args[0], lo, hi),))
+    layer.weight.copy_(_fake_quant_weight(weight))
+    try:
+        return float((1 - torch.nn.functional.cosine_similarity(model(x).double(), reference, dim=1)).mean())
+    finally:
+        handle.remove()
+        layer.weight.copy_(weight)
+
+
+@torch.no_grad()
+def outside_calibration(model: nn.Module, calibration_inputs: np.ndarray, inputs: np.ndarray, names: list[str],
+                        layers: list[str], shown: int = 3) -> list[str]:
+    """Notes for the ``inputs`` (gate inputs an int8 artifact failed) whose activations leave the calibrated ranges:
+    at how many quantized layers their input reaches ``OUTSIDE_FACTOR`` × the calibration images' range end, and
+    where the most. Clipped there, no few layers kept in float mend them; calibrating on images like them does."""
+    modules = dict(model.eval().named_modules())
+    chosen = [modules[name] for name in layers if name in modules]
+    calibrated = _input_ranges(model, torch.from_numpy(np.ascontiguousarray(calibration_inputs, dtype=np.float32)),
+                               chosen)
+    found = []
+    for x, name in zip(inputs, names):
+        seen = _input_ranges(model, torch.from_numpy(np.ascontiguousarray(x[None], dtype=np.float32)), chosen)
+        ratios = {path: _beyond(calibrated[modules[path]], seen[modules[path]])
+                  for path in layers if modules.get(path) in calibrated and modules.get(path) in seen}
+        outside = {path: r for path, r in ratios.items() if r >= OUTSIDE_FACTOR}
+        if outside:
+            worst = max(outside, key=outside.get)
+            found.append((len(outside), f"{name}: its activations leave the calibration images' ranges at "
+                                        f"{len(outside)} of {len(ratios)} quantized layers (up to "
+                                        f"{outside[worst]:.1f}× at {worst}); clipped there, keeping a few layers in "
+                                        f"float cannot mend it: add images like it to --calib"))
+    return [note for _, note in sorted(found, key=lambda f: -f[0])[:shown]]
+
+
+def _beyond(calibrated: tuple[float, float], seen: tuple[float, float]) -> float:
+    """How far ``seen`` reaches past ``calibrated``, as a multiple of the calibrated end on that side (1: within)."""
+    (lo, hi), (seen_lo, seen_hi) = calibrated, seen
+    return max(seen_hi / hi if hi > 0 and seen_hi > hi else 1.0, seen_lo / lo if lo < 0 and seen_lo < lo else 1.0)
+
+
+def _input_ranges(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], batch: int = 32
+                  ) -> dict[nn.Module, tuple[float, float]]:
+    """The MinMax range of each layer's input over ``x`` (what a MinMax calibrator records), ``batch`` at a time."""
     ranges: dict[nn.Module, tuple[float, float]] = {}
 
     def record(layer, args):
-        ranges[layer] = (float(args[0].min()), float(args[0].max()))
+        lo, hi = ranges.get(layer, (math.inf, -math.inf))
+        ranges[layer] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
 
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
-        model(x)
+        for start in range(0, len(x), batch):
+            model(x[start:start + batch])
     finally:
         for h in handles:
             h.remove()
