@@ -25,17 +25,13 @@ from .checkpoints import resolve
 from .families import family_of
 from .fuse import fuse
 from .parity import ParityReport, Rule, RULES, compare, compare_outputs
-from .probe import Graph
+from .probe import Graph, LocateError
 from .quantize import sensitivity
 from .reference import IMAGE_KINDS, ReferenceSet, build_reference_set, floor_draws, reference_outputs
 
 #: inside the model int8 is judged by cosine against the bf16 floor, as at the output; top-1 means nothing there
 INTERNAL_RULES = {**RULES, "int8": Rule(None, 0.99, None, floor_precision="bf16", factor=RULES["int8"].factor,
                                         images_only=True)}
-
-
-class LocateError(RuntimeError):
-    """The artifact's graph cannot be probed (its backend has no prober, or no unit could be found in it)."""
 
 
 @dataclass
@@ -182,7 +178,7 @@ def locate(artifact, images=None, status: Callable[[str], None] = lambda _: None
         precision = runtime.precision  # what ran (an OpenVINO fp16 IR computing in fp32 is judged as fp16)
     deploy = fuse(model, check=False)
     units = units_in_order(deploy, family_of(model).locate_units, model.config.img_size)
-    probe = backend.probe(folder, manifest)
+    probe = backend.probe(folder, manifest, deploy)
     found, unmapped = cuts(probe.graph(), units)
     bound = math.ceil(math.log2(max(len(found), 2))) + 1
     if output.passed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -18,6 +19,29 @@ def param_name(name: str) -> str | None:
     """The parameter path in a constant's name, or None."""
     found = PARAM_NAME.search(name)
     return found.group(1) if found else None
+
+
+def run_in_chunks(run: Callable[[np.ndarray], list], inputs: np.ndarray, size: int,
+                  pad: bool = False) -> list[np.ndarray]:
+    """``run`` (one chunk of images -> the value of each tensor) over ``inputs`` in chunks of at most ``size``, each
+    value flattened to (images, D) in float64 (a value may fold the batch into rows); with ``pad`` the last chunk is
+    zero-padded to ``size`` (a fixed-batch program) and the padding's rows are dropped."""
+    values: list[list[np.ndarray]] = []
+    for i in range(0, len(inputs), size):
+        chunk = inputs[i:i + size]
+        n = len(chunk)
+        if pad and n < size:
+            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+        outs = [np.asarray(o, np.float64).reshape(len(chunk), -1)[:n] for o in run(np.ascontiguousarray(chunk))]
+        values = values or [[] for _ in outs]
+        for kept, out in zip(values, outs):
+            kept.append(out)
+    return [np.concatenate(v) for v in values]
+
+
+class LocateError(RuntimeError):
+    """The artifact's graph cannot be probed (its backend has no prober, no unit could be found in it, or a prefix
+    of it cannot be built as the shipped one was)."""
 
 
 @dataclass
@@ -86,7 +110,8 @@ class Graph:
 
 class Probe:
     """How locate reaches inside one backend's artifact: its graph, and a prefix of it run to one tensor. Each
-    backend that supports ``--locate`` provides one (``Backend.probe``); it must never write the shipped files."""
+    backend that supports ``--locate`` provides one (``Backend.probe``), built from the artifact folder, its
+    manifest and the deployed model it was exported from; it must never write the shipped files."""
 
     def graph(self) -> Graph:
         raise NotImplementedError

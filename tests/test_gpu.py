@@ -154,3 +154,28 @@ def test_tensorrt_engine_refused_on_another_gpu(model, tmp_path):
         from levit_deploy.backends.tensorrt import TensorRtRuntime
         TensorRtRuntime(str(tmp_path / "model.engine"), built_for={"gpu": "Other GPU", "tensorrt": "0"}).activate()
     assert manifest["artifact"]["runtime_options"]["built_for"]["gpu"]
+
+
+@needs_trt
+def test_tensorrt_locate_names_the_unit_a_faulty_build_departs_at(model, tmp_path, monkeypatch):
+    """An engine cannot be cut, so its probe rebuilds prefixes from the fused ONNX graph with the shipped engine's
+    configuration: a converter fault in stages.6 (one tensor mis-scaled on its way into the graph, in the export
+    and in every rebuild alike) is named, within ceil(log2 N) + 1 prefix runs."""
+    import levit_deploy.backends.onnx as onnx_exporter
+    from levit_deploy.export import ExportParityError
+
+    real = onnx_exporter._torch_export
+
+    def converter_bug(deploy, *args, **kwargs):
+        with torch.no_grad():
+            next(deploy.get_submodule("stages.6").parameters()).mul_(1.5)
+        real(deploy, *args, **kwargs)
+        with torch.no_grad():
+            next(deploy.get_submodule("stages.6").parameters()).div_(1.5)
+
+    monkeypatch.setattr(onnx_exporter, "_torch_export", converter_bug)
+    with pytest.raises(ExportParityError, match="first diverges after stages.6") as refused:
+        ld.export(model, "tensorrt", tmp_path, max_batch=16, opt_batch=16, locate_on_fail=True)
+    located = refused.value.located
+    assert located["first_divergent"]["module"] == "stages.6"
+    assert located["prefix_runs"] <= located["max_runs"]

@@ -3,6 +3,7 @@ names nothing, the shipped files are only read, and the bisection stays within c
 import hashlib
 import json
 import math
+import platform
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +23,8 @@ FAULT = 1.5  # the parameter scaled by this: a converter that mis-scaled one ten
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def rehash(folder: Path) -> None:
@@ -60,7 +62,30 @@ def tamper_openvino(folder: Path, unit: str) -> str:
     return layer.get("name")
 
 
-TAMPER = {"onnx": tamper_onnx, "openvino": tamper_openvino}
+def scale_stored_bias(folder: Path, file: str, unit: str) -> str:
+    """Scale the first fp32 bias of ``unit`` in ``file``, in place: found by its bytes, which ExecuTorch (XNNPACK)
+    and Core ML store as they are (a .pte keeps the key it had, the sha256 of the original bytes); returns its
+    name."""
+    from levit_deploy.checkpoints import resolve
+    from levit_deploy.fuse import fuse
+
+    data = bytearray((folder / file).read_bytes())
+    for name, param in fuse(resolve(folder).model(), check=False).named_parameters():
+        stored = param.detach().numpy().astype(np.float32).tobytes()
+        if name.startswith(unit + ".") and name.endswith(".bias") and data.count(stored) == 1:
+            at = data.find(stored)
+            data[at:at + len(stored)] = (np.frombuffer(stored, np.float32) * np.float32(FAULT)).tobytes()
+            (folder / file).write_bytes(bytes(data))
+            return name
+    raise AssertionError(f"no bias of {unit} found once in {file}")
+
+
+TAMPER = {"onnx": tamper_onnx, "openvino": tamper_openvino,
+          "executorch": lambda folder, unit: scale_stored_bias(folder, "model.pte", unit),
+          "coreml": lambda folder, unit: scale_stored_bias(
+              folder, "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin", unit)}
+MACOS = pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predicts only on macOS (the package's "
+                           "graph is read and cut here: test_a_core_ml_package_is_mapped_and_cut_without_macos)")
 #: the unit each family's fault goes into: one in the middle of the chain
 FAULTY_UNIT = {"levit_128s": "stages.9", "lightvit_tiny": "stages.1.3", "litv2_s": "layers.2.blocks.1"}
 CASES = [pytest.param("levit_128s", "onnx", marks=pytest.mark.slow),  # ~50 s each: make test-all
@@ -68,13 +93,15 @@ CASES = [pytest.param("levit_128s", "onnx", marks=pytest.mark.slow),  # ~50 s ea
          pytest.param("lightvit_tiny", "onnx", marks=pytest.mark.slow),
          pytest.param("lightvit_tiny", "openvino", marks=pytest.mark.slow),
          pytest.param("litv2_s", "onnx", marks=pytest.mark.slow),
-         pytest.param("litv2_s", "openvino", marks=pytest.mark.slow)]
+         pytest.param("litv2_s", "openvino", marks=pytest.mark.slow),
+         pytest.param("levit_128s", "executorch", marks=pytest.mark.slow),  # ~3 min: prefixes are lowered again
+         pytest.param("levit_128s", "coreml", marks=[pytest.mark.slow, MACOS])]
 
 
 @pytest.mark.parametrize("variant,target", CASES)
 def test_a_fault_in_one_unit_is_named_and_the_files_are_only_read(variant, target, artifacts, tmp_path):
-    if target == "openvino":
-        pytest.importorskip("openvino")
+    pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch.runtime",
+                         "coreml": "coremltools"}[target])
     shipped = artifacts(variant, target).folder
     before = file_hashes(shipped)
     correct = locate(shipped)
@@ -144,3 +171,61 @@ def test_int8_layers_are_ranked_by_their_error_contribution(model_128s):
     scores = [score for _, score in ranking]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0
     assert _int8_ranking({"artifact": {}}, deploy, reference, lambda _: None) == []
+
+
+def test_an_int8_executorch_program_is_not_probed_and_says_why(tmp_path):
+    """A prefix of an int8 program would be calibrated again: locate refuses it rather than examine another one."""
+    pytest.importorskip("executorch.runtime")
+    from levit_deploy.backends.executorch import ExecutorchProbe
+    from levit_deploy.probe import LocateError
+
+    manifest = {"export": {"precision": "int8", "batch": "dynamic", "options": {}}, "artifact": {"file": "model.pte"}}
+    with pytest.raises(LocateError, match="fp32 programs, this one is int8"):
+        ExecutorchProbe(tmp_path, manifest, None)
+
+
+def test_a_core_ml_package_is_mapped_and_cut_without_macos(artifacts):
+    """Off macOS Core ML cannot predict, but its probe can: every unit of the shipped program is found by its
+    constants, and a prefix cut at a unit is a package coremltools writes, with the cut as its only output."""
+    ct = pytest.importorskip("coremltools")
+    from levit_deploy.backends.coreml import CoremlProbe
+    from levit_deploy.checkpoints import resolve
+    from levit_deploy.families import family_of
+    from levit_deploy.fuse import fuse
+    from levit_deploy.locate import cuts, units_in_order
+
+    shipped = artifacts("levit_128s", "coreml")
+    before = file_hashes(shipped.folder)
+    model = resolve(shipped.folder).model()
+    deploy = fuse(model, check=False)
+    probe = CoremlProbe(shipped.folder, shipped.manifest, deploy)
+    units = units_in_order(deploy, family_of(model).locate_units, model.config.img_size)
+    found, unmapped = cuts(probe.graph(), units)
+    assert not unmapped and [c.unit for c in found] == units
+    cut = found[len(found) // 2]
+    spec = probe.prefix(cut.tensors)
+    assert [o.name for o in spec.description.output] == cut.tensors
+    weights = ct.models.MLModel(str(shipped.path), skip_model_load=True).weights_dir
+    saved = ct.models.MLModel(spec, weights_dir=weights, skip_model_load=True)
+    operations = probe._block(saved.get_spec())[1].operations
+    assert 0 < len(operations) < len(probe._block(probe.spec)[1].operations)
+    assert file_hashes(shipped.folder) == before
+
+
+def test_prefix_values_are_gathered_per_image_across_chunks_and_padding():
+    """Every probe runs its prefix through run_in_chunks: a value that folds the batch into rows comes back one row
+    per image, and a fixed-batch program's padding never reaches the result."""
+    from levit_deploy.probe import run_in_chunks
+
+    inputs = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    calls = []
+
+    def program(chunk):  # a fixed batch of 4; its second value folds (B, 3 tokens, 2) into (B·3, 2) rows
+        calls.append(len(chunk))
+        assert len(chunk) == 4
+        return [chunk * 2, np.repeat(chunk[:, None, :], 3, axis=1).reshape(-1, 2)]
+
+    doubled, folded = run_in_chunks(program, inputs, 4, pad=True)
+    assert calls == [4, 4]
+    np.testing.assert_array_equal(doubled, inputs * 2)
+    assert folded.shape == (5, 6) and np.array_equal(folded[4], np.tile(inputs[4], 3))

@@ -189,7 +189,7 @@ class Backend:
     #: (unfused model, path stem) -> file: the plain export other tools give, bench's baseline
     write_plain: Callable[..., Any] | None = None
     needs: str | None = None  # "gpu" or "macos": where the runtime can run at all
-    #: (artifact folder, manifest) -> probe.Probe: the shipped graph for --locate (None: not locatable)
+    #: (artifact folder, manifest, deployed model) -> probe.Probe: the shipped graph for --locate (None: not locatable)
     probe: Callable[..., Any] | None = None
 
     def installed(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from ..labels import load_labels, unique_labels
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..probe import Graph, LocateError, Node, Probe, run_in_chunks
 from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
 
 PACKAGE = "model.mlpackage"
@@ -211,7 +212,93 @@ class CoreMlRuntime(Runtime):
         self.model = None
 
 
+class CoremlProbe(Probe):
+    """The package's ML Program read as it is. Its constants are named after the deployed model's parameters, dots
+    as underscores (``stages_9_inner_up_bias``; an fp16 package adds ``_to_fp16``), so each maps back to its
+    parameter. A prefix is a copy of the program cut at the tensors (the operations they need, the tensors as its
+    outputs) over the shipped weight file, which coremltools copies into a temporary package; Core ML predicts
+    it with the gate's compute units (CPU only). Predicting needs macOS; reading and cutting do not."""
+
+    def __init__(self, folder: Path, manifest: dict, deploy: torch.nn.Module):
+        self.ct = BACKEND.require("--locate")
+        options = manifest["artifact"].get("runtime_options", {})
+        if options.get("image_input") or options.get("labels"):
+            raise LocateError("--locate takes Core ML packages with a tensor input and logits out; this one has "
+                              "an image input or class labels (export it without them to locate a fault)")
+        self.package = folder / manifest["artifact"]["file"]
+        self.batch = manifest["export"]["batch"]
+        self.spec = self.ct.utils.load_spec(str(self.package))
+        self.parameters = {name.replace(".", "_"): name
+                           for name in [*dict(deploy.named_parameters()), *dict(deploy.named_buffers())]}
+
+    @staticmethod
+    def _block(spec):
+        main = spec.mlProgram.functions["main"]
+        return main, main.block_specializations[main.opset]
+
+    def _parameter(self, const: str) -> str | None:
+        """The deployed model's parameter a constant holds: its name, less the suffixes the converter adds."""
+        parts = const.split("_")
+        return next((self.parameters[key] for end in range(len(parts), 0, -1)
+                     if (key := "_".join(parts[:end])) in self.parameters), None)
+
+    @staticmethod
+    def _inputs(op) -> list[str]:
+        return [a.name for arg in op.inputs.values() for a in arg.arguments if a.WhichOneof("binding") == "name"]
+
+    def graph(self) -> Graph:
+        main, block = self._block(self.spec)
+        consts = {op.outputs[0].name: self._parameter(op.outputs[0].name) for op in block.operations
+                  if op.type == "const"}
+        nodes = [Node(op.outputs[0].name, [t for t in self._inputs(op) if t not in consts],
+                      [o.name for o in op.outputs], [p for t in self._inputs(op) if (p := consts.get(t))],
+                      shape_only=op.type == "shape")
+                 for op in block.operations if op.type != "const"]
+        return Graph(nodes, main.inputs[0].name, block.outputs[0])
+
+    def prefix(self, tensors: list[str]):
+        """A copy of the program whose outputs are ``tensors``, with only the operations they need."""
+        spec = type(self.spec)()
+        spec.CopyFrom(self.spec)
+        _, block = self._block(spec)
+        needed, kept, types = set(tensors), [], {}
+        for op in reversed(block.operations):
+            if any(o.name in needed for o in op.outputs):
+                kept.append(op)
+                needed.update(self._inputs(op))
+                types.update({o.name: o.type.tensorType.dataType for o in op.outputs})
+        ops = [type(op)() for op in kept]  # copies: the originals go with the block's list
+        for new, old in zip(ops, kept):
+            new.CopyFrom(old)
+        del block.operations[:]
+        block.operations.extend(reversed(ops))
+        del block.outputs[:]
+        block.outputs.extend(tensors)
+        del spec.description.output[:]
+        array = self.ct.proto.FeatureTypes_pb2.ArrayFeatureType
+        mil = self.ct.proto.MIL_pb2
+        for t in tensors:
+            out = spec.description.output.add()
+            out.name = t
+            out.type.multiArrayType.dataType = array.FLOAT16 if types[t] == mil.FLOAT16 else array.FLOAT32
+        return spec
+
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+        if platform.system() != "Darwin":
+            raise RuntimeUnavailable(f"Core ML predicts only on macOS, this is {platform.system()}")
+        weights = self.ct.models.MLModel(str(self.package), skip_model_load=True).weights_dir
+        model = self.ct.models.MLModel(self.prefix(tensors), weights_dir=weights,
+                                       compute_units=self.ct.ComputeUnit.CPU_ONLY)
+        name, fixed = self.spec.description.input[0].name, self.batch != "dynamic"
+
+        def predict(chunk: np.ndarray) -> list[np.ndarray]:
+            out = model.predict({name: chunk})
+            return [out[t] for t in tensors]
+        return run_in_chunks(predict, inputs, int(self.batch) if fixed else 16, pad=fixed)
+
+
 BACKEND = Backend(
     name="coreml", runtime="coreml", description="Core ML ML Program (.mlpackage), run by Core ML on macOS",
     runtime_class=CoreMlRuntime, module="coremltools", extra="coreml", packages=("coremltools",),
-    suffixes=(".mlpackage",), precisions=("fp32", "fp16"), options=CoremlOptions, write=write, needs="macos")
+    suffixes=(".mlpackage",), precisions=("fp32", "fp16"), options=CoremlOptions, write=write, needs="macos",
+    probe=CoremlProbe)

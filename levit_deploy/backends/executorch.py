@@ -16,6 +16,7 @@ runtime feeds larger batches in chunks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..env import require
+from ..probe import Graph, LocateError, Node, Probe, run_in_chunks
 from ..quantize import QuantOptions, check_recipe
 from .base import Backend, ExportError, Runtime, RuntimeConfig, StagedArtifact, in_chunks
 
@@ -70,6 +72,14 @@ def _native_logs_silenced():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+@contextlib.contextmanager
+def _lowering_quietly():
+    """torch.export and the lowering warn and print about internals (deprecations, graph breaks it handles)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _batched_4d(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -155,6 +165,9 @@ def quantize_pt2e(model: torch.nn.Module, calibration, options: ExecutorchOption
         "quantized_ops": "linear" + (" and conv2d" if options.quantize_convs else "") + " (the ops with weights)",
         "ignored_scope": ("" if options.quantize_convs else "convolutions, ") + "residual adds, attention's "
                          "activation-by-activation matmuls, softmax, hardswish/GELU and normalisation stay fp32",
+        # XNNPACK's QS8 GEMMs on AVX2 (no VNNI): LightViT-T passes keeping 1 of 134 layers in float, as with ORT's exact
+        # U8U8 kernels, where ORT's saturating U8S8 was refused at 33 of 132
+        "kernels": {"weights": "int8", "saturate_without_vnni": False},
         "calibration_batch": 1}
 
 
@@ -168,9 +181,6 @@ def _outside(keep_float: set[str]):
 def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     _quiet_imports()
     BACKEND.require("ExecuTorch export")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
     options: ExecutorchOptions = opts.target or ExecutorchOptions()
     dynamic = opts.batch == "dynamic"
     if dynamic and options.max_batch < 2:
@@ -179,18 +189,15 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     size = model.config.img_size
     example = torch.randn(min(2, options.max_batch) if dynamic else int(opts.batch), 3, size, size)
     quant = None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with _lowering_quietly():
         if opts.precision == "int8":
             model, quant = quantize_pt2e(model, opts.calibration, options,
                                          options.max_batch if dynamic else int(opts.batch), opts.keep_float)
         program, rewrites = xnnpack_form(_export(model, example, dynamic, options.max_batch))
         # torch.export may narrow the batch range (an int8 LightViT program came out as 1..15): plan for what it says
         max_batch = _batch_bound(program, options.max_batch) if dynamic else int(opts.batch)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        pieces, outside = delegation(edge.exported_program().graph)
-        executable = edge.to_executorch()
-    (staging / PROGRAM).write_bytes(executable.buffer)
+        executable, (pieces, outside) = _lower(program)
+    (staging / PROGRAM).write_bytes(executable)
     notes = []
     if outside:
         notes.append(f"XNNPACK runs {pieces} delegated piece(s); outside it, in ExecuTorch's portable kernels: "
@@ -205,6 +212,18 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
         details["quantization"] = quant
     return StagedArtifact(file=PROGRAM, details=details, notes=notes,
                           runtime_options={"max_batch": max_batch})
+
+
+def _lower(program: torch.export.ExportedProgram) -> tuple[bytes, tuple[int, dict[str, int]]]:
+    """(.pte bytes, its ``delegation``): ``program`` lowered with the XNNPACK partitioner, as every program we
+    write. The delegation is read from the edge graph before ``to_executorch``, which rewrites that graph in place
+    into out-variants and memory planning (``alloc``, ``mean.out``)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    pieces = delegation(edge.exported_program().graph)
+    return edge.to_executorch().buffer, pieces
 
 
 def _batch_bound(program: torch.export.ExportedProgram, asked: int) -> int:
@@ -282,8 +301,126 @@ class ExecutorchRuntime(Runtime):
         self.method = self.program = None
 
 
+def constant_spans(pte: bytes) -> tuple[dict[str, slice], list[slice]]:
+    """Where a .pte keeps its constants: XNNPACK's by their key (the sha256 of the bytes the exporter wrote; the
+    key stays when the bytes are changed afterwards), and the program's own (ops outside the delegate), in order,
+    each with the padding up to the next."""
+    try:  # private helpers: ExecuTorch 1.5 has no public reader of the segment offsets
+        from executorch.exir._serialize._program import _flatbuffer_to_program, _get_extended_header
+    except ImportError as e:
+        raise LocateError(f"this ExecuTorch cannot be read for --locate ({e}); it was written for ExecuTorch 1.5") \
+            from None
+
+    header = _get_extended_header(pte)
+    if header is None:
+        raise LocateError("the .pte has no segments (constants inlined in the flatbuffer): cannot read its constants")
+    program = _flatbuffer_to_program(pte[:header.program_size])
+    start = lambda index: header.segment_base_offset + program.segments[index].offset  # noqa: E731
+    named = {e.key: slice(start(e.segment_index), start(e.segment_index) + program.segments[e.segment_index].size)
+             for e in program.named_data}
+    offsets = list(program.constant_segment.offsets)
+    if not offsets:
+        return named, []
+    index = program.constant_segment.segment_index
+    ends = [*offsets[1:], program.segments[index].size]
+    return named, [slice(start(index) + a, start(index) + b) for a, b in zip(offsets, ends)]
+
+
+class ExecutorchProbe(Probe):
+    """A .pte cannot be cut: its XNNPACK pieces are opaque. A prefix is the deployed model's exported graph cut at
+    the tensor, lowered as the shipped program was (the same rewrites, partitioner and batch range), then run on
+    the *shipped* constants: XNNPACK names each constant by the sha256 of its bytes, so the prefix's constant under
+    a key is overwritten with the shipped file's bytes under that key; the program's own constants are matched
+    through a fresh lowering of the whole model, place by place. A fresh lowering whose constants do not line up
+    with the shipped program's (another ExecuTorch, another checkpoint) is refused rather than guessed at. int8 is
+    refused too: a prefix would be re-calibrated, so its activation ranges would not be the shipped ones."""
+
+    def __init__(self, folder: Path, manifest: dict, deploy: torch.nn.Module):
+        if manifest["export"]["precision"] != "fp32":
+            raise LocateError(f"--locate on an ExecuTorch artifact takes fp32 programs, this one is "
+                              f"{manifest['export']['precision']}: a prefix of an int8 program would be calibrated "
+                              f"again, not the shipped one (export the model in fp32 to locate a converter fault)")
+        _quiet_imports()
+        BACKEND.require("--locate")
+        self.shipped = (folder / manifest["artifact"]["file"]).read_bytes()
+        self.dynamic = manifest["export"]["batch"] == "dynamic"
+        self.export_max = int(manifest["export"]["options"].get("max_batch", 32))
+        self.batch = int(manifest["artifact"]["runtime_options"]["max_batch"]) if self.dynamic \
+            else int(manifest["export"]["batch"])
+        size = deploy.config.img_size
+        self.example = torch.randn(min(2, self.batch) if self.dynamic else self.batch, 3, size, size)
+        with _lowering_quietly():
+            self.program, _ = xnnpack_form(_export(deploy, self.example, self.dynamic, self.export_max))
+            self.by_key, self.by_content = self._shipped_constants(_lower(self.program)[0])
+
+    def _shipped_constants(self, fresh: bytes) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """The shipped constants: XNNPACK's by key, the program's by the sha256 of the fresh bytes at its place."""
+        shipped_named, shipped_own = constant_spans(self.shipped)
+        fresh_named, fresh_own = constant_spans(fresh)
+        size = lambda span: span.stop - span.start  # noqa: E731
+        if {k: size(v) for k, v in fresh_named.items()} != {k: size(v) for k, v in shipped_named.items()} \
+                or [size(s) for s in fresh_own] != [size(s) for s in shipped_own]:
+            raise LocateError("lowering the model again does not give the shipped program's constants (another "
+                              "ExecuTorch version, or the checkpoint changed since the export): its prefixes would "
+                              "not be the shipped program's")
+        return ({key: self.shipped[span] for key, span in shipped_named.items()},
+                {hashlib.sha256(fresh[f]).hexdigest(): self.shipped[s] for f, s in zip(fresh_own, shipped_own)})
+
+    def graph(self) -> Graph:
+        signature = self.program.graph_signature
+        weights = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                   **signature.inputs_to_lifted_tensor_constants}
+        nodes, source, result = [], None, None
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder" and node.name not in weights:
+                source = node.name
+            elif node.op == "call_function":
+                inputs = [a.name for a in node.all_input_nodes]
+                nodes.append(Node(node.name, inputs, [node.name], [weights[a] for a in inputs if a in weights],
+                                  shape_only=node.target is torch.ops.aten.sym_size.int))
+            elif node.op == "output":
+                result = node.args[0][0].name
+        return Graph(nodes, source, result)
+
+    def prefix(self, tensors: list[str]) -> torch.export.ExportedProgram:
+        """The exported graph cut at ``tensors``, exported again over the same batch range."""
+        module = self.program.module()
+        graph = module.graph
+        by_name = {n.name: n for n in graph.nodes}
+        output = next(n for n in graph.nodes if n.op == "output")
+        output.args = (tuple(by_name[t] for t in tensors),)
+        graph._codegen = torch.fx.graph.CodeGen()  # a plain tuple out: the exported pytree spec is the old output's
+        graph.eliminate_dead_code()
+        module.recompile()
+        shapes = ({0: torch.export.Dim("batch", min=1, max=self.export_max)},) if self.dynamic else None
+        return torch.export.export(module, (self.example,), dynamic_shapes=shapes)
+
+    def patched(self, pte: bytes) -> bytes:
+        """``pte`` with each constant the shipped program has replaced by the shipped bytes."""
+        data = bytearray(pte)
+        named, own = constant_spans(pte)
+        for key, span in named.items():
+            if key in self.by_key:
+                data[span] = self.by_key[key]
+        for span in own:
+            shipped = self.by_content.get(hashlib.sha256(pte[span]).hexdigest())
+            if shipped is not None:
+                data[span] = shipped
+        return bytes(data)
+
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+        from executorch.runtime import Runtime as EtRuntime
+
+        with _lowering_quietly():
+            program = self.patched(_lower(self.prefix(tensors))[0])
+        with _native_logs_silenced():
+            method = EtRuntime.get().load_program(program).load_method("forward")
+        return run_in_chunks(lambda chunk: [out.numpy() for out in method.execute([torch.from_numpy(chunk)])],
+                             inputs, self.batch, pad=not self.dynamic)
+
+
 BACKEND = Backend(
     name="executorch", runtime="executorch", description="ExecuTorch program (.pte, XNNPACK delegate), run by "
     "ExecuTorch's runtime", runtime_class=ExecutorchRuntime, module="executorch", extra="executorch",
     packages=("executorch", "torchao"), suffixes=(".pte",), precisions=("fp32", "int8"), options=ExecutorchOptions,
-    write=write)
+    write=write, probe=ExecutorchProbe)

@@ -14,14 +14,17 @@ with; both are recorded, and the runtime refuses anything else.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..env import cache_dir, write_atomic
+from ..probe import run_in_chunks
 from .base import Backend, ExportError, Runtime, RuntimeConfig, RuntimeUnavailable, StagedArtifact
-from .onnx import OnnxOptions, write_onnx
+from .onnx import OnnxOptions, OnnxProbe, write_onnx
 
 WORKSPACE_BYTES = 4 << 30
 SUPPORTED_MAJORS = (10, 11)
@@ -37,6 +40,7 @@ USED_NAMES = (
     "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_profile_shape", "ICudaEngine.get_tensor_shape",
     "ICudaEngine.num_io_tensors", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT", "IExecutionContext.set_input_shape",
     "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+    "IExecutionContext.get_tensor_shape", "ICudaEngine.get_tensor_dtype", "float32", "float16", "bfloat16",
 )
 
 
@@ -94,8 +98,22 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     onnx_dir.mkdir()
     # the graph's types are the engine's; opset 19, which every TensorRT 10 and 11 parser reads
     staged = write_onnx(model, onnx_dir, opts.precision, "dynamic", OnnxOptions(opset=19))
-    onnx_bytes = (onnx_dir / staged.file).read_bytes()
+    engine, cache_file = build_engine(trt, (onnx_dir / staged.file).read_bytes(), model.config.img_size, opt_batch,
+                                      max_batch, identity["gpu"])
+    (staging / "model.engine").write_bytes(engine)
+    for f in onnx_dir.iterdir():
+        f.unlink()
+    onnx_dir.rmdir()
+    details = {**identity, "tensorrt": trt.__version__, "strongly_typed": True, "graph_precision": opts.precision, "profile": {"min": 1, "opt": opt_batch, "max": max_batch},
+               "timing_cache": str(cache_file)}
+    return StagedArtifact(file="model.engine", details=details,
+                          runtime_options={"built_for": {"gpu": identity["gpu"], "tensorrt": trt.__version__}})
 
+
+def build_engine(trt, onnx_bytes: bytes, size: int, opt_batch: int, max_batch: int, gpu: str) -> tuple[bytes, Path]:
+    """(engine, timing cache file): an ONNX graph built as every engine we ship — strongly typed, TF32 off, one
+    optimisation profile over the batch axis (1 .. max, tuned for opt), the timing cache of this GPU and TensorRT
+    reused and updated."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed_flags(trt))
@@ -106,26 +124,18 @@ def write(model: torch.nn.Module, staging: Path, opts) -> StagedArtifact:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32; fp16/bf16 come from the graph
-    size = model.config.img_size
     profile = builder.create_optimization_profile()
     profile.set_shape("pixel_values", (1, 3, size, size), (opt_batch, 3, size, size), (max_batch, 3, size, size))
     config.add_optimization_profile(profile)
-    cache_file = cache_dir() / "tensorrt" / f"timing-{identity['gpu'].replace(' ', '_')}-trt{trt.__version__}.cache"
+    cache_file = cache_dir() / "tensorrt" / f"timing-{gpu.replace(' ', '_')}-trt{trt.__version__}.cache"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     timing = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(timing, ignore_mismatch=False)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise ExportError("TensorRT failed to build the engine (see the TensorRT log above)")
-    (staging / "model.engine").write_bytes(bytes(engine))
     write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
-    for f in onnx_dir.iterdir():
-        f.unlink()
-    onnx_dir.rmdir()
-    details = {**identity, "tensorrt": trt.__version__, "strongly_typed": True, "graph_precision": opts.precision, "profile": {"min": 1, "opt": opt_batch, "max": max_batch},
-               "timing_cache": str(cache_file)}
-    return StagedArtifact(file="model.engine", details=details,
-                          runtime_options={"built_for": {"gpu": identity["gpu"], "tensorrt": trt.__version__}})
+    return bytes(engine), cache_file
 
 
 class TensorRtRuntime(Runtime):
@@ -194,8 +204,50 @@ class TensorRtRuntime(Runtime):
         torch.cuda.empty_cache()
 
 
+class TensorRtProbe(OnnxProbe):
+    """An engine can be neither cut nor read back: its weights are baked into the kernels TensorRT chose. A prefix
+    is the fused ONNX graph the export builds from — written again from the deployed model at the engine's graph
+    precision, cut as the ONNX probe cuts it — built with the shipped engine's configuration (``build_engine``,
+    its batch profile) on this GPU and run there. It finds where TensorRT's build departs from the model (a
+    precision, a kernel, a fusion), not bytes changed in the engine file after its export; the full run that
+    shows the divergence is the shipped engine's own."""
+
+    def __init__(self, folder: Path, manifest: dict, deploy: torch.nn.Module):
+        self.trt = BACKEND.require("--locate")
+        check_api(self.trt)
+        self.gpu = gpu_identity()["gpu"]
+        artifact = manifest["artifact"]
+        self.size, self.opt, self.max = deploy.config.img_size, artifact["profile"]["opt"], artifact["profile"]["max"]
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = write_onnx(deploy, Path(tmp), artifact["graph_precision"], "dynamic", OnnxOptions(opset=19))
+            self.load(Path(tmp) / staged.file)
+
+    def run(self, tensors: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+        trt = self.trt
+        engine_bytes, _ = build_engine(trt, self.prefix(tensors).SerializeToString(), self.size, self.opt,
+                                       self.max, self.gpu)
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_bytes)
+        context, stream = engine.create_execution_context(), torch.cuda.Stream()
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+
+        def execute(chunk: np.ndarray) -> list[np.ndarray]:
+            x = torch.from_numpy(chunk).to("cuda")
+            context.set_input_shape("pixel_values", tuple(x.shape))
+            context.set_tensor_address("pixel_values", x.data_ptr())
+            outs = [torch.empty(tuple(context.get_tensor_shape(t)), dtype=dtypes[engine.get_tensor_dtype(t)],
+                                device="cuda") for t in tensors]
+            for t, out in zip(tensors, outs):
+                context.set_tensor_address(t, out.data_ptr())
+            stream.wait_stream(torch.cuda.current_stream())
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution of a prefix failed")
+            stream.synchronize()
+            return [out.double().cpu().numpy() for out in outs]
+        return run_in_chunks(execute, inputs, min(16, self.max))
+
+
 BACKEND = Backend(
     name="tensorrt", runtime="tensorrt", description="TensorRT engine for one NVIDIA GPU model",
     runtime_class=TensorRtRuntime, module="tensorrt", extra="tensorrt", packages=("onnx", "tensorrt"),
     suffixes=(".engine", ".plan"), precisions=("fp32", "fp16", "bf16"), options=TensorrtOptions, write=write,
-    needs="gpu")
+    needs="gpu", probe=TensorRtProbe)
