@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,13 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "levit-deploy")
 SHARED = ROOT.parent / "shared" / "checkpoints" / "in_distribution"
 BACKENDS = ("openvino", "onnx", "executorch")
-FIXTURES = ("levit_256", "lightvit_tiny", "litv2_s")
+FIXTURES = ("levit_256", "lightvit_tiny", "litv2_s", "levit_128s")
 TIMEOUT = 480  # seconds per export by default (--timeout): a case past it is recorded as timed out
+BENCH_TIMEOUT = 1500  # seconds for the bench of one case: LITv2-S needs more than 10 minutes for its fp64 reference and cold starts
 
 
-def cases(work: Path, fixtures: bool) -> list[tuple[str, Path, Path, Path]]:
-    """(name, checkpoint, calib folder, images folder)."""
-    out = [("levit_128s (shared yardstick)", SHARED / "levit_128s_in_distribution.pth", SHARED / "calib",
+def cases(work: Path, fixtures: bool, retina: bool = False, synthetic: bool = False
+          ) -> list[tuple[str, str, Path, Path, Path]]:
+    """(name, folder tag, checkpoint, calib folder, images folder). ``retina``: each fixture also calibrated on its
+    calib/ plus 8 crops of the bundled retina.jpg (the gate photo its int8 clips: the remedy the refusal names);
+    ``synthetic``: and on those plus 8 procedural JPEGs of other seeds than the gate's (the other inputs it names)."""
+    out = [("levit_128s (shared yardstick)", "yardstick", SHARED / "levit_128s_in_distribution.pth", SHARED / "calib",
             SHARED / "images")]
     if fixtures:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -42,10 +47,39 @@ def cases(work: Path, fixtures: bool) -> list[tuple[str, Path, Path, Path]]:
         from in_distribution import calib_and_judge_folders, in_distribution_file
 
         calib, images = calib_and_judge_folders(work / "photos")
+        with_retina = _with_retina_crops(calib, work / "photos" / "calib+retina") if retina or synthetic else None
+        with_synthetic = _with_synthetic(with_retina, work / "photos" / "calib+retina+synthetic") if synthetic else None
         for variant in FIXTURES:
             ckpt = in_distribution_file(variant, work / "checkpoints")
-            out.append((f"{variant} (fixture seed 0)", ckpt, calib, images))
+            out.append((f"{variant} (fixture seed 0)", variant, ckpt, calib, images))
+            if retina:
+                out.append((f"{variant} (fixture seed 0, calib + 8 retina crops)", f"{variant}+retina", ckpt,
+                            with_retina, images))
+            if synthetic:
+                out.append((f"{variant} (fixture seed 0, calib + 8 retina crops + 8 synthetic JPEGs)",
+                            f"{variant}+retina+synthetic", ckpt, with_synthetic, images))
     return out
+
+
+def _with_synthetic(calib: Path, folder: Path) -> Path:
+    """``calib``'s images and 8 procedural JPEGs (seeds 100-107; the gate's are seed 0, the stand-in's seed 1)."""
+    from levit_deploy.preprocess import synthetic_jpegs
+
+    if not folder.is_dir():
+        shutil.copytree(calib, folder)
+        for seed in range(100, 108):
+            (folder / f"synthetic-{seed}.jpg").write_bytes(synthetic_jpegs(1, seed)[0])
+    return folder
+
+
+def _with_retina_crops(calib: Path, folder: Path) -> Path:
+    """``calib``'s images and 8 random crops of scikit-image's retina photo (the bundled gate photo's source)."""
+    from real_photos import photo_crops, write_images
+
+    if not folder.is_dir():
+        shutil.copytree(calib, folder)
+        write_images(folder, photo_crops(["retina"], 8, seed=21))
+    return folder
 
 
 def run(cmd: list[str], timeout: float) -> tuple[int | None, str, str, float]:
@@ -101,8 +135,7 @@ def gate_summary(doc: dict | None) -> dict:
 
 def refresh(rec: dict, work: Path) -> dict:
     """Re-derive a record's gate summary from the files its int8 export left (manifest or parity-failed report)."""
-    tag = f"{rec['case'].split()[0]}-{rec['backend']}"
-    folder = work / f"{tag}-int8"
+    folder = work / f"{rec.get('tag', rec['case'].split()[0])}-{rec['backend']}-int8"
     failed = folder / f"parity-failed-{rec['backend']}.json"
     if (folder / "manifest.json").exists() and rec["int8_export"].get("rc") == 0:
         doc = {"ok": True, "manifest": json.loads((folder / "manifest.json").read_text())}
@@ -114,9 +147,11 @@ def refresh(rec: dict, work: Path) -> dict:
     return rec
 
 
-def bench(fp32: Path, int8: Path, duration: float) -> dict:
-    cmd = [CLI, "bench", str(fp32), str(int8), "--duration", str(duration), "--warmup", "1", "--json"]
-    rc, out, err, secs = run(cmd, 600)
+def bench(fp32: Path, int8: Path, duration: float, images: str) -> dict:
+    """Both artifacts in one bench run, judged on the images their export was gated on."""
+    cmd = [CLI, "bench", str(fp32), str(int8), "--images", images, "--duration", str(duration), "--warmup", "1",
+           "--json"]
+    rc, out, err, secs = run(cmd, BENCH_TIMEOUT)
     doc = _json(out)
     return {"cmd": " ".join(cmd), "rc": rc, "raw": doc, "stdout": out if doc is None else "",
             "stderr_tail": err[-1500:], "seconds": round(secs, 1)}
@@ -126,6 +161,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/int8-in-distribution"))
     ap.add_argument("--fixtures", action="store_true", help="also the fixtures of tests/in_distribution.py")
+    ap.add_argument("--retina", action="store_true",
+                    help="with --fixtures: also each fixture calibrated on calib/ plus 8 crops of retina.jpg")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="with --fixtures: also calib/ plus 8 retina crops and 8 synthetic JPEGs of other seeds")
     ap.add_argument("--only", default="", help="run only the cases whose name starts with this")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--duration", type=float, default=3.0)
@@ -146,20 +185,21 @@ def main() -> None:
     if args.rebench:
         for rec in done.values():
             if rec["int8_export"].get("rc") == 0 and None in _throughputs((rec.get("bench") or {}).get("raw")):
-                tag = f"{rec['case'].split()[0]}-{rec['backend']}"
-                rec["bench"] = bench(args.work / f"{tag}-fp32", args.work / f"{tag}-int8", args.duration)
+                tag = f"{rec.get('tag', rec['case'].split()[0])}-{rec['backend']}"
+                rec["bench"] = bench(args.work / f"{tag}-fp32", args.work / f"{tag}-int8", args.duration,
+                                     rec["images"])
                 print(f"{tag}: fp32, int8 img/s = {_throughputs(rec['bench']['raw'])}", file=sys.stderr, flush=True)
         results.write_text("".join(json.dumps(r, default=str) + "\n" for r in done.values()))
         return
-    for name, ckpt, calib, images in cases(args.work, args.fixtures):
+    for name, case_tag, ckpt, calib, images in cases(args.work, args.fixtures, args.retina, args.synthetic):
         if not name.startswith(args.only):
             continue
         for backend in args.backends.split(","):
             if (name, backend) in done:
                 continue
-            tag = f"{name.split()[0]}-{backend}"
+            tag = f"{case_tag}-{backend}"
             fp32_dir, int8_dir = args.work / f"{tag}-fp32", args.work / f"{tag}-int8"
-            rec = {"case": name, "backend": backend, "checkpoint": str(ckpt), "calib": str(calib),
+            rec = {"case": name, "tag": case_tag, "backend": backend, "checkpoint": str(ckpt), "calib": str(calib),
                    "images": str(images)}
             fp32_cmd = [CLI, "export", str(ckpt), "--to", backend, "--out", str(fp32_dir), "--json"]
             int8_cmd = [CLI, "export", str(ckpt), "--to", backend, "--precision", "int8", "--calib", str(calib),
@@ -174,7 +214,7 @@ def main() -> None:
                                   "stderr_tail": err[-2500:], **gate_summary(_json(out))}
             if rec["fp32_export"]["rc"] == 0 and rc == 0:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} {backend}: bench", file=sys.stderr, flush=True)
-                rec["bench"] = bench(fp32_dir, int8_dir, args.duration)
+                rec["bench"] = bench(fp32_dir, int8_dir, args.duration, str(images))
             with results.open("a") as f:
                 f.write(json.dumps(rec, default=str) + "\n")
             g = rec["int8_export"]
