@@ -218,13 +218,18 @@ def _write_and_gate(backend, model: torch.nn.Module, folder: Path, opts: ExportO
 
 def _search_int8(backend, model: torch.nn.Module, folder: Path, opts: ExportOptions, reference: ReferenceSet,
                  status: Callable[[str], None]) -> tuple[StagedArtifact, ParityReport]:
-    """The int8 artifact of the user's recipe, or of the fewest layers in float that pass the gate."""
+    """The int8 artifact of the user's recipe, or of the fewest layers in float that pass the gate. Each attempt
+    is written and gated in its own folder of the scratch space; the chosen one (the search may end on a failing
+    attempt after a passing one) is moved into ``folder``, so the files shipped are the files gated."""
+    written = []
+
     def attempt(keep: tuple[str, ...]):
-        for entry in folder.iterdir():  # the previous attempt's files
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        staged = _write(backend, model, folder, replace(opts, keep_float=keep))
-        report = _gate(backend, staged, folder, opts, reference)
-        return (staged, report), report, staged.details["quantization"]["layers"]
+        where = opts.scratch / f"attempt-{len(written)}"
+        where.mkdir()
+        written.append(where)
+        staged = _write(backend, model, where, replace(opts, keep_float=keep))
+        report = _gate(backend, staged, where, opts, reference)
+        return (staged, report, where), report, staged.details["quantization"]["layers"]
 
     recipe = opts.target.recipe()
     if recipe is not None:
@@ -232,7 +237,9 @@ def _search_int8(backend, model: torch.nn.Module, folder: Path, opts: ExportOpti
         outcome = Outcome(result, recipe, layers + list(recipe), passed=report.passed)
     else:
         outcome = fit_to_gate(attempt, model, opts.calibration.inputs, opts.target.max_float_fraction, status)
-    staged, report = outcome.result
+    staged, report, where = outcome.result
+    for entry in where.iterdir():
+        shutil.move(str(entry), str(folder / entry.name))
     staged.details["quantization"]["recipe"] = outcome.describe()
     status(f"int8: {outcome.summary()}")
     if not report.passed:
@@ -280,8 +287,10 @@ def _gate(backend, staged: StagedArtifact, folder: Path, opts: ExportOptions, re
           ) -> ParityReport:
     """The staged artifact in its runtime, judged against the reference set."""
     fixed = None if opts.batch == "dynamic" else int(opts.batch)
-    config = RuntimeConfig(device="cpu", threads=None, precision=opts.precision, input_spec=InputSpec(batch=fixed))
-    runtime = backend.runtime_class(str(folder / staged.file), config, **staged.runtime_options)
+    # what the manifest records for opening the artifact (a compute precision, a batch bound) applies to the gate
+    config, own = RuntimeConfig.split({"device": "cpu", "threads": None, "precision": opts.precision,
+                                       "input_spec": InputSpec(batch=fixed), **staged.runtime_options})
+    runtime = backend.runtime_class(str(folder / staged.file), config, **own)
     try:
         runtime.activate()
     except (RuntimeUnavailable, ImportError):

@@ -8,6 +8,7 @@ its calib/ crops, judged on its other images/ crops) unless a test says otherwis
 import hashlib
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import levit_deploy as ld
 from levit_deploy.cli import app
 from levit_deploy.families import spec_for_model
 from levit_deploy.parity import compare_outputs
-from levit_deploy.quantize import fit_to_gate, sensitivity
+from levit_deploy.quantize import Attempt, Outcome, fit_to_gate, sensitivity
 
 runner = CliRunner()
 #: a recipe the search chose for ORT (uint8 weights) on the in-distribution yardstick (levit-deploy export ...
@@ -208,6 +209,31 @@ def test_the_same_recipe_gives_the_same_artifact(ort_int8, in_distribution, tmp_
                                  "int8_weights=uint8", "--out", str(again)])
     assert result.exit_code == 0, result.output
     assert (again / "model.onnx").read_bytes() == (ort_int8 / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow  # two ORT int8 quantizations (~90 s)
+def test_the_files_shipped_are_the_attempt_chosen_when_the_search_ends_on_a_failing_one(ort_int8, in_distribution,
+                                                                                         tmp_path, monkeypatch):
+    """A search that bisects can pass at k layers in float, then fail at k - 1 and stop there (seen: 4 passed, 3
+    failed on a Xeon with AMX). The export shipped the last attempt's files under the passing one's report; a fresh
+    `parity` of the artifact refused it. Here the search passes with the recipe, then writes the plain artifact."""
+    def search_ending_on_a_failure(attempt, model, inputs, fraction, progress):
+        keep = tuple(ORT_RECIPE.split(","))
+        chosen, report, quantized = attempt(keep)
+        _, later, _ = attempt(())
+        assert report.passed and not later.passed
+        tried = [Attempt(k, r.passed, r.worst_margin, 0) for k, r in ((keep, report), ((), later))]
+        return Outcome(chosen, keep, quantized + list(keep), tried, passed=True)
+
+    monkeypatch.setattr(sys.modules["levit_deploy.export"], "fit_to_gate", search_ending_on_a_failure)
+    out = tmp_path / "searched"
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "onnx",
+                                 "--precision", "int8", "--calib", str(in_distribution / "calib"), "--images",
+                                 str(in_distribution / "images"), "-o", "int8_weights=uint8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").read_bytes() == (ort_int8 / "model.onnx").read_bytes()
+    again = runner.invoke(app, ["parity", str(out), "--images", str(in_distribution / "images")])
+    assert again.exit_code == 0, again.output
 
 
 @pytest.mark.slow
