@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import levit_deploy as ld
 from levit_deploy.cli import app
+from levit_deploy.env import cpu_info
 from levit_deploy.families import spec_for_model
 from levit_deploy.parity import compare_outputs
 from levit_deploy.quantize import Attempt, Outcome, fit_to_gate, sensitivity
@@ -248,6 +249,42 @@ def test_int8_options_are_refused_for_float_precisions(tmp_path):
     result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "onnx", "-o",
                                  "keep_float=head.linear", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "int8 options" in result.output
+
+
+#: a recipe the search chose for OpenVINO on the in-distribution yardstick with 7-bit weights (an AVX2 CPU, where
+#: `auto` turns NNCF's overflow fix on); with 8-bit weights (VNNI/AMX) it kept the first four of them
+OV_RECIPE = "stem.4,stem.2,head.linear,stem.0,stem.6,stages.0.inner.qkv,stages.4.kv"
+
+
+@pytest.mark.slow  # one OpenVINO int8 quantization (~20 s on 2 cores)
+def test_openvino_int8_computes_its_float_layers_in_bf16_when_asked_and_is_judged_as_int8(in_distribution,
+                                                                                         tmp_path):
+    """-o float_compute=bf16: the manifest makes the runtime ask for bf16 (the gate ran it so), what ran is read
+    back, and the artifact is still judged by the int8 rule. On a CPU without bf16 the plugin computes in fp32."""
+    pytest.importorskip("nncf")
+    out = tmp_path / "ov8"
+    result = runner.invoke(app, ["export", str(in_distribution / "levit_128s_in_distribution.pth"), "--to", "openvino",
+                                 "--precision", "int8", "--calib", str(in_distribution / "calib"), "--images",
+                                 str(in_distribution / "images"), "-o", f"keep_float={OV_RECIPE}", "-o",
+                                 "float_compute=bf16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifact"]["runtime_options"] == {"compute": "bf16"}
+    assert manifest["artifact"]["quantization"]["float_compute"] == "bf16"
+    bf16_here = bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["isa"]))
+    with ld.open_runtime(out) as runtime:
+        runtime.activate()
+        assert runtime.info()["inference_precision"] == ("bf16" if bf16_here else "fp32")
+        assert runtime.precision == "int8"
+    again = runner.invoke(app, ["parity", str(out), "--images", str(in_distribution / "images")])
+    assert again.exit_code == 0 and "[int8]" in again.output, again.output
+
+
+def test_float_compute_is_refused_for_a_float_ir(tmp_path):
+    result = runner.invoke(app, ["export", "levit_128s", "--init", "random", "--to", "openvino", "-o",
+                                 "float_compute=bf16", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "float_compute applies to int8 IRs" in result.output, result.output
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 @pytest.mark.slow  # the full search on OpenVINO (~5 minutes on 2 cores); `make test-all` runs it
