@@ -34,8 +34,8 @@ def test_registry_answers_what_exists_what_runs_here_and_what_a_target_takes():
         onnx.parse_options({"image_input": "true"})
     with pytest.raises(ExportError, match="'seventeen' is not an integer"):
         onnx.parse_options({"opset": "seventeen"})
-    with pytest.raises(ExportError, match="opset: not an option of the openvino target; it takes keep_float, "
-                                          "max_float_fraction"):
+    with pytest.raises(ExportError, match="opset: not an option of the openvino target; it takes float_compute, "
+                                          "keep_float, max_float_fraction, overflow_fix"):
         get_backend("openvino").parse_options({"opset": 17})
     assert get_backend("openvino").parse_options({"max_float_fraction": "0.1"}).max_float_fraction == 0.1
     with pytest.raises(ExportError, match="unknown export target 'tflite'"):
