@@ -11,7 +11,7 @@ one JSON line to ``WORK/results.jsonl`` (a case already there is skipped, so the
 
 Checkpoints: the shared yardstick ``../shared/checkpoints/in_distribution/levit_128s_in_distribution.pth`` (with
 its calib/ and images/), and with ``--fixtures`` the in-distribution fixtures of tests/in_distribution.py
-(levit_256, lightvit_tiny, litv2_s), built into WORK.
+(levit_256, lightvit_tiny, litv2_s, levit_128s), built into WORK.
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ TIMEOUT = 480  # seconds per export by default (--timeout): a case past it is re
 BENCH_TIMEOUT = 1500  # seconds for the bench of one case: LITv2-S needs more than 10 minutes for its fp64 reference and cold starts
 
 
-def cases(work: Path, fixtures: bool, retina: bool = False, synthetic: bool = False
+def cases(work: Path, fixtures: bool, retina: bool = False, synthetic: bool = False, only: str = ""
           ) -> list[tuple[str, str, Path, Path, Path]]:
-    """(name, folder tag, checkpoint, calib folder, images folder). ``retina``: each fixture also calibrated on its
+    """(name, folder tag, checkpoint, calib folder, images folder); a fixture is built only when ``only`` (a prefix
+    of case names) can select it (LITv2-S takes minutes). ``retina``: each fixture also calibrated on its
     calib/ plus 8 crops of the bundled retina.jpg (the gate photo its int8 clips: the remedy the refusal names);
     ``synthetic``: and on those plus 8 procedural JPEGs of other seeds than the gate's (the other inputs it names)."""
     out = [("levit_128s (shared yardstick)", "yardstick", SHARED / "levit_128s_in_distribution.pth", SHARED / "calib",
@@ -49,7 +50,7 @@ def cases(work: Path, fixtures: bool, retina: bool = False, synthetic: bool = Fa
         calib, images = calib_and_judge_folders(work / "photos")
         with_retina = _with_retina_crops(calib, work / "photos" / "calib+retina") if retina or synthetic else None
         with_synthetic = _with_synthetic(with_retina, work / "photos" / "calib+retina+synthetic") if synthetic else None
-        for variant in FIXTURES:
+        for variant in (v for v in FIXTURES if v.startswith(only) or only.startswith(v)):
             ckpt = in_distribution_file(variant, work / "checkpoints")
             out.append((f"{variant} (fixture seed 0)", variant, ckpt, calib, images))
             if retina:
@@ -191,7 +192,7 @@ def main() -> None:
                 print(f"{tag}: fp32, int8 img/s = {_throughputs(rec['bench']['raw'])}", file=sys.stderr, flush=True)
         results.write_text("".join(json.dumps(r, default=str) + "\n" for r in done.values()))
         return
-    for name, case_tag, ckpt, calib, images in cases(args.work, args.fixtures, args.retina, args.synthetic):
+    for name, case_tag, ckpt, calib, images in cases(args.work, args.fixtures, args.retina, args.synthetic, args.only):
         if not name.startswith(args.only):
             continue
         for backend in args.backends.split(","):

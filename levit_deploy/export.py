@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -221,12 +222,11 @@ def _search_int8(backend, model: torch.nn.Module, folder: Path, opts: ExportOpti
     """The int8 artifact of the user's recipe, or of the fewest layers in float that pass the gate. Each attempt
     is written and gated in its own folder of the scratch space; the chosen one (the search may end on a failing
     attempt after a passing one) is moved into ``folder``, so the files shipped are the files gated."""
-    written = []
+    numbers = itertools.count()
 
     def attempt(keep: tuple[str, ...]):
-        where = opts.scratch / f"attempt-{len(written)}"
+        where = opts.scratch / f"attempt-{next(numbers)}"
         where.mkdir()
-        written.append(where)
         staged = _write(backend, model, where, replace(opts, keep_float=keep))
         report = _gate(backend, staged, where, opts, reference)
         return (staged, report, where), report, staged.details["quantization"]["layers"]

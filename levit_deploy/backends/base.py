@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..env import require
+from ..probe import run_in_chunks
 
 
 @dataclass
@@ -92,16 +93,9 @@ class RuntimeConfig:
 
 
 def in_chunks(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int, pad: bool) -> np.ndarray:
-    """``run`` over ``x`` in chunks of at most ``size`` images; with ``pad`` the last chunk is zero-padded to
-    ``size`` (a program or artifact with a fixed batch) and the padding's outputs are dropped."""
-    outs = []
-    for i in range(0, len(x), size):
-        chunk = x[i:i + size]
-        missing = size - len(chunk) if pad else 0
-        if missing:
-            chunk = np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(np.asarray(run(chunk))[:size - missing])
-    return np.concatenate(outs)
+    """``run`` over ``x`` in chunks of at most ``size`` images, float32 (B, classes) out; with ``pad`` the last chunk
+    is zero-padded to ``size`` (a program or artifact with a fixed batch) and the padding's outputs are dropped."""
+    return run_in_chunks(lambda chunk: [run(chunk)], x, size, pad)[0].astype(np.float32)
 
 
 class Runtime(ABC):
