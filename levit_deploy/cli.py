@@ -28,7 +28,7 @@ from .families.base import count_parameters
 from .fuse import FusionError
 from .locate import LocateError, locate as locate_divergence
 from .optimize import format_summary as format_optimize, optimize as run_optimize
-from .parity import ParityReport
+from .parity import INT8_FLOOR_FACTOR, ParityReport
 from .parity_chain import run_chain
 from .predict import Predictor, artifact_folder, write_csv
 from .preprocess import ImageError, expand_inputs
@@ -64,8 +64,11 @@ OPTION_HELP = ("A target's own option as KEY=VALUE (repeatable); an option the t
                           for b in backends().values() if b.option_help()))
 RUNTIME_HELP = f"Runtime: {', '.join(runtimes())} (repeatable)."
 PRECISION_HELP = ("fp32, fp16, bf16 or int8, as the target supports (`levit-deploy backends`). int8 is post-training "
-                  "quantization (onnx: ONNX Runtime QDQ; openvino: NNCF), gated on cosine >= 0.99 and top-1 "
-                  "agreement >= 95 % on decoded images.")
+                  "quantization (onnx: ONNX Runtime QDQ; openvino: NNCF; executorch: XNNPACK), gated per decoded "
+                  f"image on its cosine to the fp64 output (>= 0.99, or within {INT8_FLOOR_FACTOR}x the original "
+                  "model's own bf16 loss where that is larger) and on top-1 agreement >= 95 % over the images whose "
+                  "top-1 bf16 keeps; when it fails, the most sensitive layers are kept in float until it passes "
+                  "(-o keep_float=, -o max_float_fraction=).")
 CALIB_HELP = ("int8: a folder of your own images to calibrate on (~300 recommended; more are sampled evenly) "
               "[default: a stand-in from the bundled photos, with a warning].")
 BENCH_PRECISION_HELP = ("fp32, fp16, bf16 or int8 (repeatable: side by side in one run): each runtime computes in it "

@@ -21,6 +21,10 @@ K = 4 and F = 5 draws come from measurement (benchmarks/parity_floor.py): a sing
 noisy draw of the rounding error (a correct fusion was 6.4x a single-run floor on one input), while
 every correct candidate measured stayed within 2x of the five-draw floor. Inputs whose floor is
 small are decided by the tolerance and are what catch bugs; a report says how many there were.
+K8 = 8 the same way (benchmarks/int8_floor_factor.py): the int8 artifacts of four in-distribution checkpoints
+that pass on every input their calibration covers needed K8 up to 3.4 on the inputs where the model's own bf16
+loss decides; a doubled activation scale and a calibration on blank images fail 37 and 41 of 41 inputs at
+K8 = 8 (36 and 38 at 16): they fail where the model is stable, which K8 does not touch.
 
 The second look: on an input where the model is chaotic, its rounding-level draws are heavy-tailed (LeViT-192
 on one synthetic image: 35 of 40 fp32 draws within 1.2e-3·s, one at 5.7e-2·s), so five draws can miss what
@@ -42,7 +46,7 @@ from .reference import EXTRA_DRAWS, FLOOR_DRAWS, IMAGE_KINDS, ReferenceSet, floo
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FLOOR_FACTOR = 4  # K
-INT8_FLOOR_FACTOR = 4  # K8: int8's cosine slack per unit of the model's own bf16 cosine loss (measured, see RULES)
+INT8_FLOOR_FACTOR = 8  # K8: int8's cosine slack per unit of the model's own bf16 cosine loss (measured, see above)
 MIN_DECISIVE = 0.5  # int8: at least this fraction of the images must be decisive, or top-1 cannot be judged
 
 
