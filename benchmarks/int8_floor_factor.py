@@ -62,14 +62,20 @@ def fault_reports(int8_dir: Path, images: Path, work: Path) -> dict[str, dict]:
     double_one_activation_scale(broken)
     out = subprocess.run([CLI, "parity", str(broken), "--images", str(images), "--json"], capture_output=True,
                          text=True)
+    if out.returncode not in (0, 1):
+        raise SystemExit(f"parity of the doubled-scale copy failed (exit {out.returncode}): {out.stderr[-300:]}")
     doubled = json.loads(out.stdout)["chain"][-1]
     manifest = json.loads((int8_dir / "manifest.json").read_text())
     blank = write_blank_images(work / "blank")
     target = work / "blank-calibrated"
-    subprocess.run([CLI, "export", manifest["source"]["source"], "--to", "onnx", "--precision", "int8", "--calib",
-                    str(blank), "--images", str(images), "-o", "max_float_fraction=0", "--out", str(target)],
-                   capture_output=True, text=True)
-    return {"doubled activation scale": doubled, "calibrated on blank images": gate_report(target)[1]}
+    out = subprocess.run([CLI, "export", manifest["source"]["source"], "--to", "onnx", "--precision", "int8",
+                          "--calib", str(blank), "--images", str(images), "-o", "max_float_fraction=0", "--out",
+                          str(target)], capture_output=True, text=True)
+    judged = gate_report(target)
+    if judged is None:
+        raise SystemExit(f"the blank-calibrated export left no gate report (exit {out.returncode}): "
+                         f"{out.stderr[-300:]}")
+    return {"doubled activation scale": doubled, "calibrated on blank images": judged[1]}
 
 
 def row(name: str, verdict: str, r: dict) -> str:
@@ -94,6 +100,9 @@ def main() -> None:
         if got:
             found[folder.name] = (got[0], ratios(got[1]))
     if args.faults:
+        if not (args.faults / "manifest.json").is_file() or args.images is None:
+            raise SystemExit(f"--faults takes a passed ONNX Runtime int8 artifact folder and --images the folder it "
+                             f"was gated on; {args.faults} has no manifest.json")
         with tempfile.TemporaryDirectory() as scratch:
             for name, report in fault_reports(args.faults, args.images, Path(scratch)).items():
                 found[f"fault: {name}"] = ("refused" if not report["passed"] else "passed", ratios(report))
